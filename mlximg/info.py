@@ -1,0 +1,30 @@
+"""What `mlximg info` reports: the backend, device, dtype policy, BLAS and library versions."""
+
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+import mlx.core as mx
+
+from . import __version__
+from .runtime import backend, blas_status, compute_dtype, dtype_name
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def info() -> dict[str, str]:
+    return {
+        "mlximg": __version__,
+        "mlx": mx.__version__,
+        "mlx-lm": _package_version("mlx-lm"),
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "backend": backend(),
+        "device": str(mx.default_device()),
+        "compute dtype": dtype_name(compute_dtype()),
+        "blas": blas_status() if backend() == "cpu" else f"n/a on {backend()} ({blas_status()} for CPU ops)",
+    }

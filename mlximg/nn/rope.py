@@ -1,0 +1,36 @@
+"""Multi-axis rotary position embedding (Z-Image: 3 axes, FLUX.2: 4 axes), channel pairs interleaved.
+
+Tables are built once per run on the host from integer positions and reused by every block and step.
+"""
+
+import mlx.core as mx
+import numpy as np
+
+
+def rope_tables(
+    positions: np.ndarray, axes_dims: tuple[int, ...], theta: float, *, float32_angles: bool = False
+) -> tuple[mx.array, mx.array]:
+    """cos and sin tables of shape (..., sum(axes_dims) // 2) for positions of shape (..., len(axes_dims)).
+
+    Angles are computed in float64. `float32_angles` rounds them to float32 before cos/sin, as Z-Image does;
+    FLUX.2 takes cos/sin of the float64 angles.
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    if positions.shape[-1] != len(axes_dims):
+        raise ValueError(f"positions must have shape (..., {len(axes_dims)}), got {positions.shape}")
+    angles = []
+    for axis, dim in enumerate(axes_dims):
+        inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        angles.append(np.multiply.outer(positions[..., axis], inv_freq))
+    angles = np.concatenate(angles, axis=-1)
+    if float32_angles:
+        angles = angles.astype(np.float32).astype(np.float64)
+    return mx.array(np.cos(angles).astype(np.float32)), mx.array(np.sin(angles).astype(np.float32))
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate each channel pair (2i, 2i+1) of x (..., N, D) by the angle of its position; computed in float32."""
+    pairs = x.astype(mx.float32).reshape(*x.shape[:-1], -1, 2)
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = mx.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
+    return rotated.reshape(x.shape).astype(x.dtype)

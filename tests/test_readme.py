@@ -1,0 +1,21 @@
+"""The README's two set-up commands stay true: CI runs the test command verbatim."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def setup_commands() -> list[str]:
+    section = (ROOT / "README.md").read_text().split("## Set up", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.+?)\n```", section)
+
+
+def test_readme_has_exactly_two_setup_commands():
+    commands = setup_commands()
+    assert len(commands) == 2, commands
+    assert commands[0].startswith("pip install -e . && mlximg ")
+
+
+def test_ci_runs_the_readme_test_command():
+    assert setup_commands()[1] in (ROOT / ".ci" / "run").read_text().splitlines()
