@@ -1,7 +1,12 @@
 """The `mlximg` command line."""
 
 import argparse
+import json
+import os
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 from . import __version__
 
@@ -14,11 +19,70 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def save_png(image, path: Path) -> None:
+    """Write atomically (a temporary file renamed into place), with the generation parameters as PNG text."""
+    from PIL.PngImagePlugin import PngInfo
+
+    metadata = PngInfo()
+    parameters = image.info.get("parameters", {})
+    metadata.add_text("parameters", json.dumps(parameters))
+    for key, value in parameters.items():
+        metadata.add_text(key, str(value))
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .api import check_arguments, load
+
+    start = time.perf_counter()
+    check_arguments(args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance)
+    if not args.output.parent.is_dir():
+        raise FileNotFoundError(f"output folder {args.output.parent} does not exist")
+    pipeline = load(args.model)
+    image = pipeline.generate(
+        args.prompt, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
+        negative_prompt=args.negative_prompt, seed=args.seed, cfg_truncation=args.cfg_truncation,
+        cfg_normalization=args.cfg_normalization, tiled_decode=args.tiled_decode, progress=True,
+    )
+    save_png(image, args.output)
+    print(pipeline.phases.table())
+    print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s (seed {image.info['parameters']['seed']})")
+    return 0
+
+
+def _add_generate(commands) -> None:
+    p = commands.add_parser("generate", help="text to image")
+    p.add_argument("prompt")
+    p.add_argument("--model", "-m", default="z-image-turbo",
+                   help="a model name (models/*.json), a local diffusers folder or a Hugging Face repo id")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--cfg-truncation", type=float, default=1.0, help="switch guidance off once t exceeds this")
+    p.add_argument("--cfg-normalization", type=float, help="cap |guided| at this x |positive| (0: off)")
+    p.add_argument("--tiled-decode", action="store_true",
+                   help="decode the image in overlapping tiles: lower peak memory, slightly different pixels")
+    p.add_argument("--output", "-o", type=Path, default=Path("out.png"))
+    p.set_defaults(run=_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlximg", description="Diffusion-transformer image generation on MLX.")
     parser.add_argument("--version", action="version", version=f"mlximg {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="backend, device, dtype policy, BLAS and versions").set_defaults(run=_info)
+    _add_generate(commands)
     return parser
 
 

@@ -16,6 +16,10 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 
 
+def is_repo_id(text: str) -> bool:
+    return bool(_REPO_ID.match(text))
+
+
 def resolve_model(model: str | Path, components: Iterable[str] | None = None) -> Path:
     """A local folder as is; a repo id through the Hugging Face cache, downloading only `components`."""
     path = Path(model).expanduser()
@@ -23,7 +27,7 @@ def resolve_model(model: str | Path, components: Iterable[str] | None = None) ->
         return path
     if path.exists():
         raise FileNotFoundError(f"model {str(model)!r} is a file; expected a diffusers-layout folder")
-    if not _REPO_ID.match(str(model)):
+    if not is_repo_id(str(model)):
         raise FileNotFoundError(f"model {str(model)!r}: no such folder, and not a Hugging Face repo id (owner/name)")
     return _download(str(model), components)
 

@@ -26,13 +26,21 @@ def require_oracle():
     return torch
 
 
+def saved_buffers(module):
+    """Buffers that go into the checkpoint: not the derived, non-persistent ones (e.g. RoPE inv_freq tables)."""
+    for prefix, child in module.named_modules():
+        for name, buffer in child.named_buffers(recurse=False):
+            if name not in child._non_persistent_buffers_set:
+                yield f"{prefix}.{name}" if prefix else name, buffer
+
+
 def perturb_(module, seed: int = 0, scale: float = 0.1):
-    """Add noise to every floating parameter and buffer, in place; keeps BatchNorm variances positive."""
+    """Add noise to every floating parameter and saved buffer, in place; keeps BatchNorm variances positive."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        for name, tensor in [*module.named_parameters(), *saved_buffers(module)]:
             if not tensor.is_floating_point():
                 continue
             tensor.add_(torch.randn(tensor.shape, generator=generator) * scale)

@@ -1,0 +1,45 @@
+"""The public API: `load(model)` once, `.generate(...)` many times; `generate(prompt, model=...)` for one image."""
+
+from .loading import resolve_model
+from .manifests import FAMILY_DEFAULTS, Manifest, family_of, resolve
+from .pipelines.inputs import resolve_arguments
+
+DEFAULT_MODEL = "z-image-turbo"
+
+
+def _pipeline_class(family: str):
+    if family == "zimage":
+        from .pipelines.zimage import ZImagePipeline
+
+        return ZImagePipeline
+    raise ValueError(f"unsupported model family {family!r}")
+
+
+def check_arguments(model: str, *, width=None, height=None, steps=None, guidance=None) -> Manifest:
+    """Resolve `model` and validate the arguments against its defaults: cheap, before any download or load."""
+    manifest = resolve(model)
+    if manifest.family:  # an unknown repo id's family is known only once downloaded
+        defaults = manifest.defaults or FAMILY_DEFAULTS[manifest.family]
+        resolve_arguments(defaults, width, height, steps, guidance, _pipeline_class(manifest.family).size_multiple)
+    return manifest
+
+
+def load(model: str = DEFAULT_MODEL, *, dtype=None, **pipeline_options):
+    """A pipeline for `model`: a manifest name (models/*.json), a local diffusers folder or a Hugging Face repo id.
+
+    Only configs are read here; weights load on first use.
+    """
+    manifest = resolve(model)
+    folder = manifest.path or resolve_model(manifest.repo, manifest.components or None)
+    family = manifest.family or family_of(folder)
+    defaults = manifest.defaults or FAMILY_DEFAULTS[family]
+    return _pipeline_class(family)(folder, defaults=defaults, dtype=dtype, **pipeline_options)
+
+
+def generate(prompt: str, *, model: str = DEFAULT_MODEL, width: int | None = None, height: int | None = None,
+             steps: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
+             seed: int | None = None, latents=None, **options):
+    """One PIL image for `prompt`. Unset steps / guidance / size come from the model's manifest."""
+    check_arguments(model, width=width, height=height, steps=steps, guidance=guidance)
+    return load(model).generate(prompt, width=width, height=height, steps=steps, guidance=guidance,
+                                negative_prompt=negative_prompt, seed=seed, latents=latents, **options)

@@ -1,0 +1,1 @@
+"""The networks: one file per model (config dataclass, modules, sanitize, loader)."""

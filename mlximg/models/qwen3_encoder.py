@@ -1,0 +1,211 @@
+"""The Qwen3 text encoder of Z-Image and FLUX.2 klein: mlx-lm's Qwen3, read out as intermediate hidden states.
+
+Hidden-state indices follow transformers' `output_hidden_states=True` tuple of a model with N decoder layers:
+index 0 is the token embedding, index k (1 <= k < N) the output of decoder layer k, and index N (-1) the final-norm
+output. Z-Image takes -2 (the output of layer N-1), klein 9/18/27; neither needs the last layer or the final norm,
+so the module is built with at most N-1 layers and no final norm, and `sanitize` drops their checkpoint keys.
+Tokenization is transformers' tokenizer and chat template, called as the diffusers pipelines call them.
+"""
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Iterable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models import qwen3
+
+from ..loading import cast_floating, component_dir, load_safetensors, load_weights_strict, read_config, weight_files
+
+MAX_SEQUENCE_LENGTH = 512  # both pipelines pad (and truncate) every prompt to this many tokens
+ZIMAGE_HIDDEN_LAYERS = (-2,)  # ZImagePipeline: hidden_states[-2], the second-to-last decoder layer's output
+FLUX2_KLEIN_HIDDEN_LAYERS = (9, 18, 27)  # Flux2KleinPipeline: hidden_states[9], [18], [27], concatenated
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+_UNUSED_KEYS = ("lm_head.weight", "model.norm.weight")  # the LM head and the final norm never run
+
+
+def qwen3_args(config: dict) -> qwen3.ModelArgs:
+    """mlx-lm's ModelArgs from a transformers Qwen3Config dict (text_encoder/config.json)."""
+    if config.get("model_type") != "qwen3":
+        raise ValueError(f"text encoder model_type is {config.get('model_type')!r}; expected 'qwen3'")
+    if config.get("use_sliding_window"):
+        raise ValueError("Qwen3 text encoder with use_sliding_window=true is not supported (mlx-lm has full attention)")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"Qwen3 text encoder hidden_act {config['hidden_act']!r} is not supported; expected 'silu'")
+    required = [f.name for f in dataclasses.fields(qwen3.ModelArgs)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in config]
+    if missing:
+        raise ValueError(f"text encoder config.json lacks {missing}")
+    return qwen3.ModelArgs.from_dict(config)
+
+
+def resolve_hidden_layer(index: int, num_layers: int) -> int:
+    """A hidden-state index (negative counts from the end, as in transformers) as the number of layers to run."""
+    resolved = index + num_layers + 1 if index < 0 else index
+    if not 0 <= resolved <= num_layers:
+        raise ValueError(f"hidden state {index} is out of range for a model with {num_layers} layers")
+    if resolved == num_layers:
+        raise ValueError(f"hidden state {index} is the final-norm output, which this encoder does not compute")
+    return resolved
+
+
+def causal_padding_mask(attention_mask: np.ndarray | None, length: int) -> mx.array | str:
+    """transformers' mask: causal, and keys at padded positions hidden. All valid: plain causal (the fast path)."""
+    if attention_mask is None or attention_mask.all():
+        return "causal"
+    # A masked first token leaves that query row nothing to attend to; torch's SDPA then returns zeros, MLX's not.
+    rows = np.flatnonzero(~attention_mask[:, 0])
+    if rows.size:
+        raise ValueError(f"attention_mask masks the first token of sequences {rows.tolist()} (left padding?); "
+                         "only right padding, as the Qwen3 tokenizer pads, is supported")
+    causal = mx.tril(mx.ones((length, length), dtype=mx.bool_))
+    return causal[None, None] & mx.array(attention_mask)[:, None, None, :]
+
+
+class Qwen3Encoder(nn.Module):
+    """mlx-lm's Qwen3Model holding only the first `num_layers` decoder layers and no final norm (`.model`)."""
+
+    def __init__(self, args: qwen3.ModelArgs, num_layers: int | None = None):
+        super().__init__()
+        self.config_layers = args.num_hidden_layers
+        num_layers = self.config_layers - 1 if num_layers is None else num_layers
+        if not 0 <= num_layers < self.config_layers:
+            raise ValueError(f"cannot keep {num_layers} of {self.config_layers} layers (at most all but the last)")
+        self.model = qwen3.Qwen3Model(dataclasses.replace(args, num_hidden_layers=num_layers))
+        # Never run (hidden states are read before it), so not kept: Qwen3Model.__call__ is not used.
+        del self.model.norm
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.layers)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Qwen3ForCausalLM keys (model.*, lm_head) or Qwen3Model keys (no prefix) -> our paths, unused ones dropped.
+
+        Only keys of the LM head, the final norm and the configured layers we do not keep are dropped; anything
+        else stays, so the strict load names it.
+        """
+        sanitized = {}
+        for key, value in weights.items():
+            if not key.startswith(("model.", "lm_head.")):
+                key = f"model.{key}"
+            layer = _LAYER_KEY.match(key)
+            if key in _UNUSED_KEYS or (layer and self.num_layers <= int(layer.group(1)) < self.config_layers):
+                continue
+            sanitized[key] = value
+        return sanitized
+
+    def hidden_states(self, input_ids: mx.array, attention_mask: np.ndarray | mx.array | None,
+                      layers: Iterable[int]) -> list[mx.array]:
+        """transformers' `hidden_states[k]` for each k in `layers`, each (B, L, hidden); runs only the layers needed.
+
+        `attention_mask` is (B, L), 1/True for real tokens; positions are 0..L-1 whatever the padding, as in
+        transformers when no position_ids are given.
+        """
+        indices = [resolve_hidden_layer(k, self.config_layers) for k in layers]
+        if not indices:
+            raise ValueError("no hidden-state layers requested")
+        depth = max(indices)
+        if depth > self.num_layers:
+            raise ValueError(f"hidden state {depth} needs {depth} layers; this encoder was loaded with "
+                             f"{self.num_layers} (pass the layers to load_text_encoder)")
+        input_ids = mx.array(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None:
+            attention_mask = np.asarray(attention_mask).astype(bool)
+            if attention_mask.shape != tuple(input_ids.shape):
+                raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids {tuple(input_ids.shape)}")
+        mask = causal_padding_mask(attention_mask, input_ids.shape[1])
+
+        h = self.model.embed_tokens(input_ids)
+        states = [h]
+        for layer in self.model.layers[:depth]:
+            h = layer(h, mask)
+            states.append(h)
+        return [states[k] for k in indices]
+
+
+def _prompt_list(prompts: str | list[str]) -> list[str]:
+    """A prompt or a list of prompts, as the pipelines accept them."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts to encode (empty list)")
+    bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompts must be strings; got {bad}")
+    return prompts
+
+
+class TextEncoder:
+    """The tokenizer (transformers) and the MLX Qwen3 encoder (`.model`, the module a pipeline keeps and releases)."""
+
+    def __init__(self, tokenizer, model: Qwen3Encoder):
+        self.tokenizer = tokenizer
+        self.model = model
+
+    def tokenize(self, prompts: str | list[str], enable_thinking: bool,
+                 max_length: int = MAX_SEQUENCE_LENGTH) -> tuple[mx.array, np.ndarray]:
+        """Chat template, then padded to and truncated at `max_length`, as both pipelines do.
+
+        Returns the token ids (B, max_length) and the attention mask as a numpy bool array (read on the host).
+        """
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive integer; got {max_length!r}")
+        texts = [
+            self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True, enable_thinking=enable_thinking)
+            for prompt in _prompt_list(prompts)
+        ]
+        tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                                return_tensors="np")
+        return mx.array(tokens["input_ids"].astype(np.int32)), tokens["attention_mask"].astype(bool)
+
+    def encode_zimage(self, prompts: str | list[str], max_length: int = MAX_SEQUENCE_LENGTH) -> list[mx.array]:
+        """ZImagePipeline's prompt embeddings: hidden_states[-2] of the valid tokens, one (L_i, hidden) per prompt."""
+        input_ids, mask = self.tokenize(prompts, enable_thinking=True, max_length=max_length)
+        # Causal attention: positions after the last real token never change earlier ones, so don't compute them.
+        length = int(np.flatnonzero(mask.any(axis=0)).max()) + 1
+        (states,) = self.model.hidden_states(input_ids[:, :length], mask[:, :length], ZIMAGE_HIDDEN_LAYERS)
+        embeds = [states[i][mx.array(np.flatnonzero(row))] for i, row in enumerate(mask[:, :length])]
+        mx.eval(embeds)
+        return embeds
+
+    def encode_flux2_klein(self, prompts: str | list[str], max_length: int = MAX_SEQUENCE_LENGTH,
+                           layers: Iterable[int] = FLUX2_KLEIN_HIDDEN_LAYERS) -> mx.array:
+        """Flux2KleinPipeline's prompt embeddings: all `max_length` positions (pads included), the hidden states
+        of `layers` concatenated on the feature axis -> (B, max_length, len(layers) * hidden)."""
+        input_ids, mask = self.tokenize(prompts, enable_thinking=False, max_length=max_length)
+        embeds = mx.concatenate(self.model.hidden_states(input_ids, mask, layers), axis=-1)
+        mx.eval(embeds)
+        return embeds
+
+
+def load_text_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None,
+                      layers: Iterable[int] | None = None) -> TextEncoder:
+    """The `tokenizer/` and `text_encoder/` components of a diffusers folder.
+
+    `layers`: the hidden-state indices the encoder will be asked for (e.g. ZIMAGE_HIDDEN_LAYERS); only the decoder
+    layers they need are built and loaded. None keeps all but the last, enough for any index but the final-norm one.
+    `dtype`: cast floating weights to it; None keeps the checkpoint's.
+    """
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    encoder_dir = component_dir(model_dir, "text_encoder")
+    tokenizer_dir = component_dir(model_dir, "tokenizer")
+    args = qwen3_args(read_config(encoder_dir))
+    num_layers = None
+    if layers is not None:
+        layers = list(layers)
+        if not layers:
+            raise ValueError("load_text_encoder: `layers` is empty; pass None to keep all layers but the last")
+        num_layers = max(resolve_hidden_layer(k, args.num_hidden_layers) for k in layers)
+    model = Qwen3Encoder(args, num_layers)
+    weights = model.sanitize(load_safetensors(weight_files(encoder_dir)))
+    load_weights_strict(model, cast_floating(weights, dtype), str(encoder_dir))
+    return TextEncoder(AutoTokenizer.from_pretrained(tokenizer_dir), model)
