@@ -23,6 +23,16 @@ def check_guidance(guidance: float) -> None:
         raise ValueError(f"guidance must be a non-negative number, got {guidance!r}")
 
 
+def check_prompts(prompt, negative_prompt, uses_cfg: bool, why_no_cfg: str) -> None:
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+    if negative_prompt and not uses_cfg:
+        # Dropping it silently would hide that it has no effect.
+        raise ValueError(f"negative_prompt has no effect without classifier-free guidance ({why_no_cfg})")
+
+
 def resolve_arguments(defaults: dict, width, height, steps, guidance, size_multiple: int) -> tuple:
     """Fill unset arguments from the model's defaults and validate them; cheap, so it runs before any loading."""
     width = width if width is not None else defaults.get("width", 1024)

@@ -1,27 +1,19 @@
-"""Z-Image text-to-image: encode the prompt, release the encoder, denoise with flow-matching Euler, decode.
+"""Z-Image text-to-image: encode the prompt, release the encoder, denoise with flow-matching Euler, decode."""
 
-Components load on first use and are kept through the pipeline's Tracker; the text encoder is released (and
-MLX's buffer cache cleared) as soon as the prompt is encoded, unless `keep_text_encoder` is set.
-"""
-
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from ..loading import component_dir
 from ..models.autoencoder_kl import load_autoencoder
-from ..models.qwen3_encoder import load_text_encoder
+from ..models.qwen3_encoder import ZIMAGE_HIDDEN_LAYERS, load_text_encoder
 from ..models.zimage import load_zimage_transformer
-from ..runtime import PhaseLog, Tracker, compute_dtype
-from ..schedulers import FlowMatchEulerScheduler, calculate_shift
-from .inputs import initial_noise, resolve_arguments, to_image
+from ..schedulers import calculate_shift
+from .base import Pipeline
+from .inputs import check_prompts, initial_noise, resolve_arguments, to_image
 
-COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
 LATENT_CHANNELS = 16
 PIXELS_PER_LATENT = 8  # the VAE's downsampling
-SIZE_MULTIPLE = 16  # VAE downsampling x the transformer's 2x2 patches
 # Tiled decode: 512-px tiles cut a 1024x1024 decode's peak from 6.1 to 1.7 GiB (docs/MEASUREMENTS.md).
 DECODE_TILE = 512
 
@@ -38,50 +30,23 @@ def guided(pos: mx.array, neg: mx.array, scale: float, normalization: float) -> 
     return pred
 
 
-class ZImagePipeline:
-    size_multiple = SIZE_MULTIPLE
+class ZImagePipeline(Pipeline):
+    def _load_text_encoder(self):
+        return load_text_encoder(self.model_dir, dtype=self.dtype, layers=ZIMAGE_HIDDEN_LAYERS)
 
-    def __init__(self, model_dir: Path, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False):
-        self.model_dir = Path(model_dir)
-        for name in COMPONENTS:  # fail now, not after minutes of work
-            component_dir(self.model_dir, name)
-        self.defaults = defaults or {}
-        self.dtype = compute_dtype(dtype)
-        self.scheduler = FlowMatchEulerScheduler.from_pretrained(self.model_dir)
-        self.keep_text_encoder = keep_text_encoder
-        self.tracker = Tracker()
-        self.phases = PhaseLog()
-        self.text_encoder = self.transformer = self.vae = None
+    def _load_transformer(self):
+        return load_zimage_transformer(self.model_dir, self.dtype)
 
-    # Components, loaded on first use.
-    def _text_encoder(self):
-        if self.text_encoder is None:
-            self.text_encoder = load_text_encoder(self.model_dir, dtype=self.dtype)
-            self.tracker.keep(self.text_encoder.model, owner="text_encoder")
-        return self.text_encoder
+    def _load_vae(self):
+        return load_autoencoder(self.model_dir, dtype=self.dtype)
 
-    def _transformer(self):
-        if self.transformer is None:
-            self.transformer = self.tracker.keep(load_zimage_transformer(self.model_dir, self.dtype), "transformer")
-        return self.transformer
-
-    def _vae(self):
-        if self.vae is None:
-            self.vae = self.tracker.keep(load_autoencoder(self.model_dir, dtype=self.dtype), owner="vae")
-        return self.vae
-
-    def encode(self, prompts: list[str]) -> list[mx.array]:
-        with self.phases.phase("encode"):
-            embeddings = self.tracker.eval(self._text_encoder().encode_zimage(prompts))
-            if not self.keep_text_encoder:
-                self.tracker.release("text_encoder")
-                self.text_encoder = None
-        return embeddings
+    def encode_prompts(self, text_encoder, prompts: list[str]) -> list[mx.array]:
+        return text_encoder.encode_zimage(prompts)
 
     def denoise(self, latents: mx.array, positive: list[mx.array], negative: list[mx.array], steps: int,
                 guidance: float, cfg_truncation: float = 1.0, cfg_normalization: float = 0.0,
                 progress: bool = False) -> mx.array:
-        transformer = self._transformer()
+        transformer = self.component("transformer")
         image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
         cfg = self.scheduler.config
         mu = calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift,
@@ -103,12 +68,13 @@ class ZImagePipeline:
                 else:
                     pred = transformer(latents.astype(self.dtype), t, positive).astype(mx.float32)
                 latents = self.scheduler.step(-pred, latents, sigmas[i], sigmas[i + 1])
-                self.tracker.eval(latents)
+                self.evaluate_step(latents)
         return latents
 
     def decode(self, latents: mx.array, tiled: bool = False):
         with self.phases.phase("decode"):
-            decoded = self._vae().decode_latents(latents.astype(self.dtype), tiled=tiled, tile_sample_size=DECODE_TILE)
+            vae = self.component("vae")
+            decoded = vae.decode_latents(latents.astype(self.dtype), tiled=tiled, tile_sample_size=DECODE_TILE)
             self.tracker.eval(decoded)
         return to_image(decoded)
 
@@ -118,16 +84,15 @@ class ZImagePipeline:
                  tiled_decode: bool = False, progress: bool = False):
         """One image for `prompt`; returns a PIL image whose `info["parameters"]` records the settings used."""
         width, height, steps, guidance = resolve_arguments(self.defaults, width, height, steps, guidance,
-                                                           SIZE_MULTIPLE)
+                                                           self.size_multiple)
         normalization = float(cfg_normalization if cfg_normalization is not None
                               else self.defaults.get("cfg_normalization", 0.0))
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        use_cfg = guidance > 0
+        check_prompts(prompt, negative_prompt, use_cfg, "guidance is 0")
         shape = (1, LATENT_CHANNELS, height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT)
         latents, seed = initial_noise(shape, seed, latents)
 
         self.phases.clear()
-        use_cfg = guidance > 0
         embeddings = self.encode([prompt, negative_prompt or ""] if use_cfg else [prompt])
         positive, negative = embeddings[:1], embeddings[1:]
         latents = self.denoise(latents, positive, negative, steps, guidance, cfg_truncation, normalization, progress)

@@ -1,0 +1,57 @@
+"""What every pipeline shares: components checked up front, loaded on first use and kept through a Tracker,
+the text encoder released once the prompt is encoded, and per-phase time and memory."""
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..loading import component_dir
+from ..runtime import PhaseLog, Tracker, compute_dtype
+from ..schedulers import FlowMatchEulerScheduler
+
+
+class Pipeline:
+    components = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
+    size_multiple = 16  # VAE downsampling x the transformer's 2x2 patches
+
+    def __init__(self, model_dir: Path, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False):
+        self.model_dir = Path(model_dir)
+        for name in self.components:  # fail now, not after minutes of work
+            component_dir(self.model_dir, name)
+        self.defaults = defaults or {}
+        self.dtype = compute_dtype(dtype)
+        self.scheduler = FlowMatchEulerScheduler.from_pretrained(self.model_dir)
+        self.keep_text_encoder = keep_text_encoder
+        self.tracker = Tracker()
+        self.phases = PhaseLog()
+        self.loaded: dict[str, object] = {}
+
+    def component(self, name: str):
+        """The component `name`, loaded by `self._load_<name>()` on first use and kept under its name."""
+        if name not in self.loaded:
+            loaded = getattr(self, f"_load_{name}")()
+            # A text encoder wraps its MLX module (`.model`) with the tokenizer.
+            self.tracker.keep(loaded.model if name == "text_encoder" else loaded, owner=name)
+            self.loaded[name] = loaded
+        return self.loaded[name]
+
+    def release(self, name: str) -> int:
+        """Free a loaded component now (it reloads if used again); returns the bytes released."""
+        del self.loaded[name]
+        return self.tracker.release(name)
+
+    def encode(self, prompts: list[str]):
+        """Prompt embeddings, evaluated; the text encoder is released afterwards unless `keep_text_encoder`."""
+        with self.phases.phase("encode"):
+            embeddings = self.encode_prompts(self.component("text_encoder"), prompts)
+            self.tracker.eval(embeddings)
+            if not self.keep_text_encoder:
+                self.release("text_encoder")
+        return embeddings
+
+    def encode_prompts(self, text_encoder, prompts: list[str]):
+        raise NotImplementedError
+
+    def evaluate_step(self, latents: mx.array) -> mx.array:
+        """End of a denoising step: evaluate, so each step's graph is freed before the next is built."""
+        return self.tracker.eval(latents)
