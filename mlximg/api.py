@@ -12,6 +12,10 @@ def _pipeline_class(family: str):
         from .pipelines.zimage import ZImagePipeline
 
         return ZImagePipeline
+    if family == "flux2":
+        from .pipelines.flux2 import Flux2Pipeline
+
+        return Flux2Pipeline
     raise ValueError(f"unsupported model family {family!r}")
 
 

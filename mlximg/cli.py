@@ -46,11 +46,15 @@ def _generate(args: argparse.Namespace) -> int:
     check_arguments(args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance)
     if not args.output.parent.is_dir():
         raise FileNotFoundError(f"output folder {args.output.parent} does not exist")
+    # Model-specific options go through only when given, so each pipeline sees the ones it has.
+    options = {name: value for name, value in (
+        ("cfg_truncation", args.cfg_truncation), ("cfg_normalization", args.cfg_normalization),
+        ("tiled_decode", args.tiled_decode or None), ("image", args.image),
+    ) if value is not None}
     pipeline = load(args.model)
     image = pipeline.generate(
         args.prompt, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
-        negative_prompt=args.negative_prompt, seed=args.seed, cfg_truncation=args.cfg_truncation,
-        cfg_normalization=args.cfg_normalization, tiled_decode=args.tiled_decode, progress=True,
+        negative_prompt=args.negative_prompt, seed=args.seed, progress=True, **options,
     )
     save_png(image, args.output)
     print(pipeline.phases.table())
@@ -69,10 +73,12 @@ def _add_generate(commands) -> None:
     p.add_argument("--guidance", type=float)
     p.add_argument("--negative-prompt")
     p.add_argument("--seed", type=int)
-    p.add_argument("--cfg-truncation", type=float, default=1.0, help="switch guidance off once t exceeds this")
-    p.add_argument("--cfg-normalization", type=float, help="cap |guided| at this x |positive| (0: off)")
+    p.add_argument("--image", action="append", type=Path,
+                   help="a reference image to edit from (FLUX.2; repeat for several)")
+    p.add_argument("--cfg-truncation", type=float, help="Z-Image: switch guidance off once t exceeds this")
+    p.add_argument("--cfg-normalization", type=float, help="Z-Image: cap |guided| at this x |positive| (0: off)")
     p.add_argument("--tiled-decode", action="store_true",
-                   help="decode the image in overlapping tiles: lower peak memory, slightly different pixels")
+                   help="Z-Image: decode in overlapping tiles: lower peak memory, slightly different pixels")
     p.add_argument("--output", "-o", type=Path, default=Path("out.png"))
     p.set_defaults(run=_generate)
 

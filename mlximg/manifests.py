@@ -13,9 +13,12 @@ from .loading import is_repo_id, read_json
 
 MODELS_DIR = Path(os.environ.get("MLXIMG_MODELS_DIR", Path(__file__).resolve().parent.parent / "models"))
 # diffusers pipeline class -> our family.
-FAMILIES = {"ZImagePipeline": "zimage"}
-# Without a manifest: the diffusers pipeline's own defaults.
-FAMILY_DEFAULTS = {"zimage": {"steps": 50, "guidance": 5.0, "width": 1024, "height": 1024}}
+FAMILIES = {"ZImagePipeline": "zimage", "Flux2KleinPipeline": "flux2", "Flux2Pipeline": "flux2"}
+# Without a manifest: the diffusers pipelines' own defaults.
+FAMILY_DEFAULTS = {
+    "zimage": {"steps": 50, "guidance": 5.0, "width": 1024, "height": 1024},
+    "flux2": {"steps": 50, "guidance": 4.0, "width": 1024, "height": 1024},
+}
 
 
 @dataclass

@@ -56,28 +56,36 @@ class AutoencoderKLConfig:
         return cls(**values).validate()
 
     def validate(self) -> "AutoencoderKLConfig":
-        unsupported = [t for t in self.down_block_types if t not in _DOWN_BLOCKS]
-        unsupported += [t for t in self.up_block_types if t not in _UP_BLOCKS]
-        if unsupported:
-            raise ValueError(
-                f"AutoencoderKL: unsupported block types {unsupported} (supported: {_DOWN_BLOCKS + _UP_BLOCKS})")
-        depth = len(self.block_out_channels)
-        if depth == 0 or len(self.down_block_types) != depth or len(self.up_block_types) != depth:
-            raise ValueError(
-                f"AutoencoderKL: down_block_types {self.down_block_types}, up_block_types {self.up_block_types} and "
-                f"block_out_channels {self.block_out_channels} must have the same, non-zero length")
-        if self.act_fn not in _ACTIVATIONS:
-            raise ValueError(f"AutoencoderKL: unsupported act_fn {self.act_fn!r} (supported: {_ACTIVATIONS})")
-        odd = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if odd:
-            raise ValueError(
-                f"AutoencoderKL: block_out_channels {odd} not divisible by norm_num_groups {self.norm_num_groups}")
+        validate_blocks(self, "AutoencoderKL")
         return self
 
     @property
     def scale_factor_spatial(self) -> int:
         """Image pixels per latent pixel along each side (8 for the FLUX.1 VAE)."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def decoder_channels(self) -> tuple[int, ...]:
+        """The decoder's block widths, encoder order (AutoencoderKLFlux2 may give its own)."""
+        return self.block_out_channels
+
+
+def validate_blocks(config, name: str) -> None:
+    """The checks every Encoder / Decoder config needs: block types, equal depths, activation, group widths."""
+    unsupported = [t for t in config.down_block_types if t not in _DOWN_BLOCKS]
+    unsupported += [t for t in config.up_block_types if t not in _UP_BLOCKS]
+    if unsupported:
+        raise ValueError(f"{name}: unsupported block types {unsupported} (supported: {_DOWN_BLOCKS + _UP_BLOCKS})")
+    depth = len(config.block_out_channels)
+    if depth == 0 or len(config.down_block_types) != depth or len(config.up_block_types) != depth:
+        raise ValueError(
+            f"{name}: down_block_types {config.down_block_types}, up_block_types {config.up_block_types} and "
+            f"block_out_channels {config.block_out_channels} must have the same, non-zero length")
+    if config.act_fn not in _ACTIVATIONS:
+        raise ValueError(f"{name}: unsupported act_fn {config.act_fn!r} (supported: {_ACTIVATIONS})")
+    odd = [c for c in config.block_out_channels if c % config.norm_num_groups]
+    if odd:
+        raise ValueError(f"{name}: block_out_channels {odd} not divisible by norm_num_groups {config.norm_num_groups}")
 
 
 class GroupNorm(nn.Module):
@@ -271,7 +279,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
-        channels, groups = config.block_out_channels[::-1], config.norm_num_groups
+        channels, groups = config.decoder_channels[::-1], config.norm_num_groups
         last = len(channels) - 1
         self.conv_in = Conv3x3(config.latent_channels, channels[0])
         self.mid_block = UNetMidBlock2D(channels[0], groups, config.mid_block_add_attention)
@@ -369,7 +377,7 @@ class AutoencoderKL(nn.Module):
     def _check(self, x: mx.array, channels: int, what: str, layout: str) -> mx.array:
         if x.ndim != 4 or x.shape[-1 if layout == "NHWC" else 1] != channels:
             raise ValueError(
-                f"AutoencoderKL: {what} must be {layout} with {channels} channels, got shape {tuple(x.shape)}")
+                f"{type(self).__name__}: {what} must be {layout} with {channels} channels, got shape {tuple(x.shape)}")
         return x.astype(self.dtype)
 
     # NHWC core
@@ -423,10 +431,22 @@ class AutoencoderKL(nn.Module):
         shift = self.config.shift_factor or 0.0
         # Cast before scaling, in the pipelines' order (latents.to(vae.dtype) / scaling_factor + shift_factor).
         z = (latents.astype(self.dtype) / self.config.scaling_factor + shift).transpose(0, 2, 3, 1)
+        return self._decode_maybe_tiled(z, tiled, tile_sample_size)
+
+    def _decode_maybe_tiled(self, z: mx.array, tiled: bool | None, tile_sample_size: int | None) -> mx.array:
+        """`decode` or `tiled_decode` of NHWC latents, by the `tiled` rule of `_use_tiles`."""
         tile = tile_sample_size or self.tile_sample_size
         if self._use_tiles(tiled, z.shape[1], z.shape[2], int(tile / self.config.scale_factor_spatial)):
             return self.tiled_decode(z, tile)
         return self.decode(z)
+
+    def _encode_maybe_tiled(self, images: mx.array, tiled: bool | None,
+                            tile_sample_size: int | None) -> tuple[mx.array, mx.array]:
+        """`encode` or `tiled_encode` of NHWC images, by the `tiled` rule of `_use_tiles`."""
+        tile = tile_sample_size or self.tile_sample_size
+        if self._use_tiles(tiled, images.shape[1], images.shape[2], tile):
+            return self.tiled_encode(images, tile)
+        return self.encode(images)
 
     def encode_image(self, images: mx.array, noise: mx.array | None = None, tiled: bool | None = False,
                      tile_sample_size: int | None = None) -> mx.array:
@@ -434,11 +454,7 @@ class AutoencoderKL(nn.Module):
         (z - shift_factor) * scaling_factor with z the posterior mean, or mean + std * noise when `noise`
         (NCHW, like the result) is given, as the pipelines' retrieve_latents(sample_mode="sample")."""
         images = self._check(images, self.config.in_channels, "images", "NHWC")
-        tile = tile_sample_size or self.tile_sample_size
-        if self._use_tiles(tiled, images.shape[1], images.shape[2], tile):
-            mean, logvar = self.tiled_encode(images, tile)
-        else:
-            mean, logvar = self.encode(images)
+        mean, logvar = self._encode_maybe_tiled(images, tiled, tile_sample_size)
         z = mean
         if noise is not None:
             expected = (mean.shape[0], mean.shape[3], mean.shape[1], mean.shape[2])

@@ -1,9 +1,8 @@
 """The Qwen3 text encoder of Z-Image and FLUX.2 klein: mlx-lm's Qwen3, read out as intermediate hidden states.
 
-Hidden-state indices follow transformers' `output_hidden_states=True` tuple of a model with N decoder layers:
-index 0 is the token embedding, index k (1 <= k < N) the output of decoder layer k, and index N (-1) the final-norm
-output. Z-Image takes -2 (the output of layer N-1), klein 9/18/27; neither needs the last layer or the final norm,
-so the module is built with at most N-1 layers and no final norm, and `sanitize` drops their checkpoint keys.
+Hidden-state indices follow transformers' `output_hidden_states=True` tuple (see decoder_states.py). Z-Image takes
+-2 (the output of layer N-1), klein 9/18/27; neither needs the last layer or the final norm, so the module is built
+with at most N-1 layers and no final norm, and `sanitize` drops their checkpoint keys.
 Tokenization is transformers' tokenizer and chat template, called as the diffusers pipelines call them.
 """
 
@@ -13,11 +12,11 @@ from pathlib import Path
 from typing import Iterable
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen3
 
 from ..loading import cast_floating, component_dir, load_safetensors, load_weights_strict, read_config, weight_files
+from .decoder_states import DecoderHiddenStates, prompt_list, resolve_hidden_layer
 
 MAX_SEQUENCE_LENGTH = 512  # both pipelines pad (and truncate) every prompt to this many tokens
 ZIMAGE_HIDDEN_LAYERS = (-2,)  # ZImagePipeline: hidden_states[-2], the second-to-last decoder layer's output
@@ -43,45 +42,18 @@ def qwen3_args(config: dict) -> qwen3.ModelArgs:
     return qwen3.ModelArgs.from_dict(config)
 
 
-def resolve_hidden_layer(index: int, num_layers: int) -> int:
-    """A hidden-state index (negative counts from the end, as in transformers) as the number of layers to run."""
-    resolved = index + num_layers + 1 if index < 0 else index
-    if not 0 <= resolved <= num_layers:
-        raise ValueError(f"hidden state {index} is out of range for a model with {num_layers} layers")
-    if resolved == num_layers:
-        raise ValueError(f"hidden state {index} is the final-norm output, which this encoder does not compute")
-    return resolved
-
-
-def causal_padding_mask(attention_mask: np.ndarray | None, length: int) -> mx.array | str:
-    """transformers' mask: causal, and keys at padded positions hidden. All valid: plain causal (the fast path)."""
-    if attention_mask is None or attention_mask.all():
-        return "causal"
-    # A masked first token leaves that query row nothing to attend to; torch's SDPA then returns zeros, MLX's not.
-    rows = np.flatnonzero(~attention_mask[:, 0])
-    if rows.size:
-        raise ValueError(f"attention_mask masks the first token of sequences {rows.tolist()} (left padding?); "
-                         "only right padding, as the Qwen3 tokenizer pads, is supported")
-    causal = mx.tril(mx.ones((length, length), dtype=mx.bool_))
-    return causal[None, None] & mx.array(attention_mask)[:, None, None, :]
-
-
-class Qwen3Encoder(nn.Module):
+class Qwen3Encoder(DecoderHiddenStates):
     """mlx-lm's Qwen3Model holding only the first `num_layers` decoder layers and no final norm (`.model`)."""
 
     def __init__(self, args: qwen3.ModelArgs, num_layers: int | None = None):
-        super().__init__()
-        self.config_layers = args.num_hidden_layers
-        num_layers = self.config_layers - 1 if num_layers is None else num_layers
-        if not 0 <= num_layers < self.config_layers:
-            raise ValueError(f"cannot keep {num_layers} of {self.config_layers} layers (at most all but the last)")
-        self.model = qwen3.Qwen3Model(dataclasses.replace(args, num_hidden_layers=num_layers))
+        config_layers = args.num_hidden_layers
+        num_layers = config_layers - 1 if num_layers is None else num_layers
+        if not 0 <= num_layers < config_layers:
+            raise ValueError(f"cannot keep {num_layers} of {config_layers} layers (at most all but the last)")
+        model = qwen3.Qwen3Model(dataclasses.replace(args, num_hidden_layers=num_layers))
         # Never run (hidden states are read before it), so not kept: Qwen3Model.__call__ is not used.
-        del self.model.norm
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.model.layers)
+        del model.norm
+        super().__init__(model, config_layers)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Qwen3ForCausalLM keys (model.*, lm_head) or Qwen3Model keys (no prefix) -> our paths, unused ones dropped.
@@ -98,47 +70,6 @@ class Qwen3Encoder(nn.Module):
                 continue
             sanitized[key] = value
         return sanitized
-
-    def hidden_states(self, input_ids: mx.array, attention_mask: np.ndarray | mx.array | None,
-                      layers: Iterable[int]) -> list[mx.array]:
-        """transformers' `hidden_states[k]` for each k in `layers`, each (B, L, hidden); runs only the layers needed.
-
-        `attention_mask` is (B, L), 1/True for real tokens; positions are 0..L-1 whatever the padding, as in
-        transformers when no position_ids are given.
-        """
-        indices = [resolve_hidden_layer(k, self.config_layers) for k in layers]
-        if not indices:
-            raise ValueError("no hidden-state layers requested")
-        depth = max(indices)
-        if depth > self.num_layers:
-            raise ValueError(f"hidden state {depth} needs {depth} layers; this encoder was loaded with "
-                             f"{self.num_layers} (pass the layers to load_text_encoder)")
-        input_ids = mx.array(input_ids)
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}")
-        if attention_mask is not None:
-            attention_mask = np.asarray(attention_mask).astype(bool)
-            if attention_mask.shape != tuple(input_ids.shape):
-                raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids {tuple(input_ids.shape)}")
-        mask = causal_padding_mask(attention_mask, input_ids.shape[1])
-
-        h = self.model.embed_tokens(input_ids)
-        states = [h]
-        for layer in self.model.layers[:depth]:
-            h = layer(h, mask)
-            states.append(h)
-        return [states[k] for k in indices]
-
-
-def _prompt_list(prompts: str | list[str]) -> list[str]:
-    """A prompt or a list of prompts, as the pipelines accept them."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise ValueError("no prompts to encode (empty list)")
-    bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
-    if bad:
-        raise ValueError(f"prompts must be strings; got {bad}")
-    return prompts
 
 
 class TextEncoder:
@@ -159,7 +90,7 @@ class TextEncoder:
         texts = [
             self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                add_generation_prompt=True, enable_thinking=enable_thinking)
-            for prompt in _prompt_list(prompts)
+            for prompt in prompt_list(prompts)
         ]
         tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                                 return_tensors="np")

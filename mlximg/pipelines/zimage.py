@@ -81,8 +81,10 @@ class ZImagePipeline(Pipeline):
     def generate(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
                  guidance: float | None = None, negative_prompt: str | None = None, seed: int | None = None,
                  latents=None, cfg_truncation: float = 1.0, cfg_normalization: float | bool | None = None,
-                 tiled_decode: bool = False, progress: bool = False):
+                 tiled_decode: bool = False, image=None, progress: bool = False):
         """One image for `prompt`; returns a PIL image whose `info["parameters"]` records the settings used."""
+        if image is not None:
+            raise ValueError("Z-Image text-to-image takes no reference image (FLUX.2 models do)")
         width, height, steps, guidance = resolve_arguments(self.defaults, width, height, steps, guidance,
                                                            self.size_multiple)
         normalization = float(cfg_normalization if cfg_normalization is not None
