@@ -1,10 +1,12 @@
-"""Peak MLX memory and time of a full against a tiled VAE decode, with the real Z-Image (FLUX.1) VAE config.
+"""Peak MLX memory and time of a full against a tiled VAE decode, with a released VAE config.
 
+flux1: Z-Image's (FLUX.1) AutoencoderKL; flux2: FLUX.2's AutoencoderKLFlux2, decoding as the pipelines end a
+generation (normalised patchified latents (1, 128, H/16, W/16) -> denormalise, unpatchify, decode).
 Random weights (no download): memory and time depend on shapes only. Prints one line per decode and the
 difference between the two images.
 
-    python scripts/vae_memory.py                        # 1024x1024, float32, 512-pixel tiles
-    python scripts/vae_memory.py --size 512 --tile 256 --dtype bfloat16
+    python scripts/vae_memory.py                        # flux1, 1024x1024, float32, 512-pixel tiles
+    python scripts/vae_memory.py --vae flux2 --size 768 --tile 384 --dtype bfloat16
 """
 
 import argparse
@@ -16,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlximg.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from mlximg.models.flux2_vae import AutoencoderKLFlux2, AutoencoderKLFlux2Config
 from mlximg.runtime import backend, nbytes
 
 # Z-Image-Turbo's vae/config.json.
@@ -47,18 +50,27 @@ def main():
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
     parser.add_argument("--tile", type=int, default=512, help="tile side in pixels for the tiled decode (default 512)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--vae", default="flux1", choices=["flux1", "flux2"])
     args = parser.parse_args()
 
-    config = AutoencoderKLConfig.from_dict(REAL_CONFIG)
-    model = AutoencoderKL(config)
+    if args.vae == "flux1":
+        config = AutoencoderKLConfig.from_dict(REAL_CONFIG)
+        model = AutoencoderKL(config)
+        side, channels = args.size // config.scale_factor_spatial, config.latent_channels
+    else:
+        config = AutoencoderKLFlux2Config()  # the released FLUX.2 vae/config.json equals the defaults
+        model = AutoencoderKLFlux2(config)
+        side, channels = args.size // (2 * config.scale_factor_spatial), config.patched_channels
     model.set_dtype(getattr(mx, args.dtype))
     model.encoder = None  # decode only: the encoder's weights are not part of the measurement
+    if "quant_conv" in model:
+        model.quant_conv = None
     mx.eval(model.parameters())
-    side = args.size // config.scale_factor_spatial
-    latents = mx.random.normal((1, config.latent_channels, side, side), key=mx.random.key(0))
+    latents = mx.random.normal((1, channels, side, side), key=mx.random.key(0))
     mx.eval(latents)
-    print(f"mlx {mx.__version__} ({backend()}), {platform.processor() or platform.machine()}, {args.dtype}, "
-          f"image {args.size}x{args.size} (latents {side}x{side}), decoder weights {nbytes(model) / MIB:.0f} MiB")
+    print(f"mlx {mx.__version__} ({backend()}), {platform.processor() or platform.machine()}, {args.vae} VAE, "
+          f"{args.dtype}, image {args.size}x{args.size} (latents {channels}x{side}x{side}), "
+          f"decoder weights {nbytes(model) / MIB:.0f} MiB")
 
     full = measure("full decode", lambda: model.decode_latents(latents, tiled=False))
     tiled = measure(f"tiled decode ({args.tile} px tiles)",

@@ -72,3 +72,20 @@ def assert_close(actual, expected, rtol: float, what: str = "output"):
     error = relative_error(actual, expected)
     assert error <= rtol, f"{what}: relative error {error:.3g} exceeds {rtol:g}"
     return error
+
+
+class RecordInputs:
+    """Records the input_ids and attention_mask a pipeline passes to its text encoder."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.handle = model.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs):
+        self.calls.append({k: kwargs[k].numpy() for k in ("input_ids", "attention_mask")})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()

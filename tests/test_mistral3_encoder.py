@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from oracle import assert_close, perturb_, require_oracle, save_tiny
+from oracle import RecordInputs, assert_close, perturb_, require_oracle, save_tiny
 
 from mlximg.models.mistral3_encoder import (FLUX2_DEV_HIDDEN_LAYERS, MAX_SEQUENCE_LENGTH, SYSTEM_MESSAGE,
                                             Mistral3Encoder, format_input, load_mistral3_encoder, mistral3_args)
@@ -145,23 +145,6 @@ def build_reference(seed: int = 0):
     norm = model.model.language_model.layers[0].input_layernorm.weight
     assert not torch.allclose(norm, torch.ones_like(norm))
     return model
-
-
-class RecordInputs:
-    """Records the input_ids and attention_mask a pipeline passes to its text encoder."""
-
-    def __init__(self, model):
-        self.calls = []
-        self.handle = model.register_forward_pre_hook(self.record, with_kwargs=True)
-
-    def record(self, module, args, kwargs):
-        self.calls.append({k: kwargs[k].numpy() for k in ("input_ids", "attention_mask")})
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 def diffusers_dev(reference, processor, prompts):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
-from oracle import assert_close, perturb_, require_oracle, save_tiny
+from oracle import RecordInputs, assert_close, perturb_, require_oracle, save_tiny
 
 from mlximg.models.qwen3_encoder import (FLUX2_KLEIN_HIDDEN_LAYERS, MAX_SEQUENCE_LENGTH, ZIMAGE_HIDDEN_LAYERS,
                                          Qwen3Encoder, load_text_encoder, qwen3_args)
@@ -96,23 +96,6 @@ def encoder(checkpoint):
 def zimage_expected(checkpoint, tokenizer):
     """The Z-Image pipeline's embeddings of PROMPTS, and the tokens it fed the text encoder."""
     return diffusers_zimage(checkpoint[1], tokenizer, PROMPTS)
-
-
-class RecordInputs:
-    """Records the input_ids and attention_mask a pipeline passes to its text encoder."""
-
-    def __init__(self, model):
-        self.calls = []
-        self.handle = model.register_forward_pre_hook(self.record, with_kwargs=True)
-
-    def record(self, module, args, kwargs):
-        self.calls.append({k: kwargs[k].numpy() for k in ("input_ids", "attention_mask")})
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 def diffusers_zimage(reference, tokenizer, prompts):

@@ -23,6 +23,15 @@ _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn
 _SHIFTED_CONV_MIN_CHANNELS = 32  # below this, mlx's unfolded input is small and one matmul beats nine
 
 
+def config_from_dict(cls, config: dict):
+    """A VAE config dataclass from config.json; keys it lacks (_class_name, _diffusers_version, ...) are ignored."""
+    names = {f.name for f in fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
+    if isinstance(values.get("sample_size"), tuple):
+        values["sample_size"] = values["sample_size"][0]  # diffusers tiles with the first entry
+    return cls(**values).validate()
+
+
 @dataclass
 class AutoencoderKLConfig:
     """Field names and defaults of diffusers' AutoencoderKL config.json."""
@@ -48,12 +57,7 @@ class AutoencoderKLConfig:
 
     @classmethod
     def from_dict(cls, config: dict) -> "AutoencoderKLConfig":
-        """Keys not in the dataclass (_class_name, _diffusers_version, ...) are ignored."""
-        names = {f.name for f in fields(cls)}
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
-        if isinstance(values.get("sample_size"), tuple):
-            values["sample_size"] = values["sample_size"][0]  # diffusers tiles with the first entry
-        return cls(**values).validate()
+        return config_from_dict(cls, config)
 
     def validate(self) -> "AutoencoderKLConfig":
         validate_blocks(self, "AutoencoderKL")

@@ -10,14 +10,14 @@ latents (B, 128, H/16, W/16) NCHW, channel c * 4 + 2 * dy + dx; packed tokens (B
 images NHWC in [-1, 1].
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..loading import load_component
-from .autoencoder_kl import AutoencoderKL, validate_blocks
+from .autoencoder_kl import AutoencoderKL, config_from_dict, validate_blocks
 
 _PATCH = 2  # the pipelines' _patchify_latents / _unpatchify_latents hard-code 2x2, whatever config.patch_size says
 
@@ -48,12 +48,7 @@ class AutoencoderKLFlux2Config:
 
     @classmethod
     def from_dict(cls, config: dict) -> "AutoencoderKLFlux2Config":
-        """Keys not in the dataclass (_class_name, _diffusers_version, ...) are ignored."""
-        names = {f.name for f in fields(cls)}
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
-        if isinstance(values.get("sample_size"), tuple):
-            values["sample_size"] = values["sample_size"][0]  # diffusers tiles with the first entry
-        return cls(**values).validate()
+        return config_from_dict(cls, config)
 
     def validate(self) -> "AutoencoderKLFlux2Config":
         validate_blocks(self, "AutoencoderKLFlux2")

