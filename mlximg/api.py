@@ -31,7 +31,8 @@ def check_arguments(model: str, *, width=None, height=None, steps=None, guidance
 def load(model: str = DEFAULT_MODEL, *, dtype=None, **pipeline_options):
     """A pipeline for `model`: a manifest name (models/*.json), a local diffusers folder or a Hugging Face repo id.
 
-    Only configs are read here; weights load on first use.
+    Only configs are read here; weights load on first use. Pipeline options: keep_text_encoder, quantize="fp8"
+    (quantize the transformer at load), fp8="matmul" | "dequantize" (the FP8 execution path).
     """
     manifest = resolve(model)
     folder = manifest.path or resolve_model(manifest.repo, manifest.components or None)
@@ -42,8 +43,12 @@ def load(model: str = DEFAULT_MODEL, *, dtype=None, **pipeline_options):
 
 def generate(prompt: str, *, model: str = DEFAULT_MODEL, width: int | None = None, height: int | None = None,
              steps: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
-             seed: int | None = None, latents=None, **options):
-    """One PIL image for `prompt`. Unset steps / guidance / size come from the model's manifest."""
+             seed: int | None = None, latents=None, quantize: str | None = None, fp8: str | None = None, **options):
+    """One PIL image for `prompt`. Unset steps / guidance / size come from the model's manifest.
+
+    `quantize="fp8"` quantizes the transformer at load; `fp8` picks the FP8 execution path (matmul / dequantize).
+    """
     check_arguments(model, width=width, height=height, steps=steps, guidance=guidance)
-    return load(model).generate(prompt, width=width, height=height, steps=steps, guidance=guidance,
-                                negative_prompt=negative_prompt, seed=seed, latents=latents, **options)
+    pipeline = load(model, quantize=quantize, fp8=fp8)
+    return pipeline.generate(prompt, width=width, height=height, steps=steps, guidance=guidance,
+                             negative_prompt=negative_prompt, seed=seed, latents=latents, **options)

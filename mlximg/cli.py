@@ -51,7 +51,7 @@ def _generate(args: argparse.Namespace) -> int:
         ("cfg_truncation", args.cfg_truncation), ("cfg_normalization", args.cfg_normalization),
         ("tiled_decode", args.tiled_decode or None), ("image", args.image),
     ) if value is not None}
-    pipeline = load(args.model)
+    pipeline = load(args.model, quantize=args.quantize, fp8=args.fp8)
     image = pipeline.generate(
         args.prompt, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
         negative_prompt=args.negative_prompt, seed=args.seed, progress=True, **options,
@@ -79,8 +79,27 @@ def _add_generate(commands) -> None:
     p.add_argument("--cfg-normalization", type=float, help="Z-Image: cap |guided| at this x |positive| (0: off)")
     p.add_argument("--tiled-decode", action="store_true",
                    help="Z-Image: decode in overlapping tiles: lower peak memory, slightly different pixels")
+    p.add_argument("--quantize", choices=["fp8"], help="quantize the transformer to FP8 (mxfp8) at load")
+    p.add_argument("--fp8", choices=["matmul", "dequantize"],
+                   help="FP8 execution path (default: MLXIMG_FP8, else matmul on GPU, dequantize on CPU)")
     p.add_argument("--output", "-o", type=Path, default=Path("out.png"))
     p.set_defaults(run=_generate)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .quant.convert import convert
+
+    convert(args.src, args.dst, force=args.force, text_encoder=args.text_encoder)
+    return 0
+
+
+def _add_quantize(commands) -> None:
+    p = commands.add_parser("quantize", help="convert a diffusers model folder (or repo id) to FP8 (mxfp8)")
+    p.add_argument("src", help="a local diffusers folder or a Hugging Face repo id (never modified)")
+    p.add_argument("dst", type=Path, help="the output folder (refused if it exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing DST (only after success)")
+    p.add_argument("--text-encoder", action="store_true", help="quantize the text encoder's decoder layers too")
+    p.set_defaults(run=_quantize)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="backend, device, dtype policy, BLAS and versions").set_defaults(run=_info)
     _add_generate(commands)
+    _add_quantize(commands)
     return parser
 
 
@@ -97,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         parser.exit(2, f"mlximg: error: {error}\n")
 
 

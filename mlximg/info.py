@@ -1,4 +1,4 @@
-"""What `mlximg info` reports: the backend, device, dtype policy, BLAS and library versions."""
+"""What `mlximg info` reports: the backend, device, dtype policy, FP8 execution path, BLAS and library versions."""
 
 import platform
 from importlib.metadata import PackageNotFoundError, version
@@ -6,6 +6,7 @@ from importlib.metadata import PackageNotFoundError, version
 import mlx.core as mx
 
 from . import __version__
+from .quant.execution import fp8_execution, fp8_execution_source
 from .runtime import backend, blas_status, compute_dtype, dtype_name
 
 
@@ -14,6 +15,13 @@ def _package_version(name: str) -> str:
         return version(name)
     except PackageNotFoundError:
         return "not installed"
+
+
+def _fp8_path() -> str:
+    try:
+        return f"{fp8_execution()} ({fp8_execution_source()})"
+    except ValueError as error:
+        return f"invalid: {error}"
 
 
 def info() -> dict[str, str]:
@@ -26,5 +34,6 @@ def info() -> dict[str, str]:
         "backend": backend(),
         "device": str(mx.default_device()),
         "compute dtype": dtype_name(compute_dtype()),
+        "fp8 path": _fp8_path(),
         "blas": blas_status() if backend() == "cpu" else f"n/a on {backend()} ({blas_status()} for CPU ops)",
     }

@@ -12,6 +12,12 @@ from typing import Callable, Iterable
 import mlx.core as mx
 import mlx.nn as nn
 
+from .quant.execution import fp8_execution
+from .quant.float8 import float8_keys, fold_float8
+from .quant.format import Quantization, check_quantized, dequantize_weights
+from .quant.modules import quantize_module, quantize_structure
+from .quant.policy import layer_policy
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 
@@ -143,14 +149,47 @@ def load_weights_strict(module: nn.Module, weights: dict[str, mx.array], name: s
     return module
 
 
+def read_weights(folder: Path) -> tuple[dict[str, mx.array], bool]:
+    """A component's weights, lazily, with third-party float8 weights folded with their scales into float32;
+    the flag says whether there were any."""
+    files = weight_files(folder)
+    weights = load_safetensors(files)
+    keys = float8_keys((path, check_safetensors(path)) for path in files)
+    return (fold_float8(weights, keys, str(folder)) if keys else weights), bool(keys)
+
+
+def load_quantizable(module: nn.Module, weights: dict[str, mx.array], config: dict, component: str, name: str,
+                     dtype: mx.Dtype | None = None, fp8: str | None = None, float8: bool = False) -> nn.Module:
+    """Strict load of float, FP8 (config "quantization") or folded float8 weights.
+
+    FP8 runs on the execution path `fp8` (matmul: QuantizedLinear; dequantize: float weights; default by backend).
+    Folded float8 weights are requantized to mxfp8 per the policy on the matmul path.
+    """
+    execution = fp8_execution(fp8)
+    policy = layer_policy(component, config)
+    quantization = Quantization.from_config(config)
+    if quantization is not None:
+        layers = check_quantized(weights, quantization, policy, name)
+        if execution == "dequantize":
+            weights = dequantize_weights(weights, layers, quantization)
+        else:
+            quantize_structure(module, layers, quantization)
+    load_weights_strict(module, cast_floating(weights, dtype), name)
+    if float8 and execution == "matmul":
+        quantize_module(module, policy, execution)
+    return module
+
+
 def load_component(
     model_dir: Path, component: str, build: Callable[[dict], nn.Module],
-    sanitize: Callable[[dict], dict] | None = None, dtype: mx.Dtype | None = None,
+    sanitize: Callable[[dict], dict] | None = None, dtype: mx.Dtype | None = None, fp8: str | None = None,
 ) -> nn.Module:
-    """Build a component's module from its config.json and load its weights (lazily, cast to `dtype`)."""
+    """Build a component's module from its config.json and load its weights (lazily, cast to `dtype`); FP8 and
+    float8 checkpoints run on the execution path `fp8` (see load_quantizable)."""
     folder = component_dir(model_dir, component)
-    module = build(read_config(folder))
-    weights = load_safetensors(weight_files(folder))
+    config = read_config(folder)
+    module = build(config)
+    weights, float8 = read_weights(folder)
     if sanitize is not None:
         weights = sanitize(weights)
-    return load_weights_strict(module, cast_floating(weights, dtype), f"{folder}")
+    return load_quantizable(module, weights, config, component, f"{folder}", dtype, fp8, float8)

@@ -345,7 +345,7 @@ class Flux2Transformer(nn.Module):
             capture.append((name, value))
 
 
-def load_flux2_transformer(model_dir, dtype: mx.Dtype | None = None) -> Flux2Transformer:
+def load_flux2_transformer(model_dir, dtype: mx.Dtype | None = None, fp8: str | None = None) -> Flux2Transformer:
     """The `transformer/` component; its checkpoint keys are our module paths, so there is nothing to sanitize."""
     return load_component(model_dir, "transformer", lambda config: Flux2Transformer(Flux2Config.from_dict(config)),
-                          dtype=dtype)
+                          dtype=dtype, fp8=fp8)

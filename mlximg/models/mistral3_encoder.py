@@ -17,8 +17,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import llama
 
-from ..loading import (cast_floating, component_dir, load_safetensors, load_weights_strict, read_config, read_json,
-                       weight_files)
+from ..loading import component_dir, load_quantizable, read_config, read_json, read_weights
 from .decoder_states import DecoderHiddenStates, prompt_list, resolve_hidden_layer
 
 MAX_SEQUENCE_LENGTH = 512  # Flux2Pipeline pads (and truncates) every prompt to this many tokens
@@ -195,7 +194,8 @@ class Mistral3TextEncoder:
 
 
 def load_mistral3_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None,
-                          layers: Iterable[int] = FLUX2_DEV_HIDDEN_LAYERS) -> Mistral3TextEncoder:
+                          layers: Iterable[int] = FLUX2_DEV_HIDDEN_LAYERS, fp8: str | None = None,
+                          ) -> Mistral3TextEncoder:
     """The `tokenizer/` and `text_encoder/` components of a FLUX.2 [dev] diffusers folder.
 
     `layers`: the hidden-state indices to encode with; only the decoder layers they need are built and loaded
@@ -206,12 +206,13 @@ def load_mistral3_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None,
     model_dir = Path(model_dir)
     encoder_dir = component_dir(model_dir, "text_encoder")
     tokenizer_dir = component_dir(model_dir, "tokenizer")
-    args = mistral3_args(read_config(encoder_dir))
+    config = read_config(encoder_dir)
+    args = mistral3_args(config)
     layers = tuple(layers)
     if not layers:
         raise ValueError("load_mistral3_encoder: `layers` is empty")
     model = Mistral3Encoder(args, max(resolve_hidden_layer(k, args.num_hidden_layers) for k in layers))
     chat_template = processor_chat_template(tokenizer_dir)
-    weights = model.sanitize(load_safetensors(weight_files(encoder_dir)))
-    load_weights_strict(model, cast_floating(weights, dtype), str(encoder_dir))
+    weights, float8 = read_weights(encoder_dir)
+    load_quantizable(model, model.sanitize(weights), config, "text_encoder", str(encoder_dir), dtype, fp8, float8)
     return Mistral3TextEncoder(AutoTokenizer.from_pretrained(tokenizer_dir), chat_template, model, layers)

@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import qwen3
 
-from ..loading import cast_floating, component_dir, load_safetensors, load_weights_strict, read_config, weight_files
+from ..loading import component_dir, load_quantizable, read_config, read_weights
 from .decoder_states import DecoderHiddenStates, prompt_list, resolve_hidden_layer
 
 MAX_SEQUENCE_LENGTH = 512  # both pipelines pad (and truncate) every prompt to this many tokens
@@ -117,19 +117,20 @@ class TextEncoder:
 
 
 def load_text_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None,
-                      layers: Iterable[int] | None = None) -> TextEncoder:
+                      layers: Iterable[int] | None = None, fp8: str | None = None) -> TextEncoder:
     """The `tokenizer/` and `text_encoder/` components of a diffusers folder.
 
     `layers`: the hidden-state indices the encoder will be asked for (e.g. ZIMAGE_HIDDEN_LAYERS); only the decoder
     layers they need are built and loaded. None keeps all but the last, enough for any index but the final-norm one.
-    `dtype`: cast floating weights to it; None keeps the checkpoint's.
+    `dtype`: cast floating weights to it; None keeps the checkpoint's. `fp8`: the FP8 execution path.
     """
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
     encoder_dir = component_dir(model_dir, "text_encoder")
     tokenizer_dir = component_dir(model_dir, "tokenizer")
-    args = qwen3_args(read_config(encoder_dir))
+    config = read_config(encoder_dir)
+    args = qwen3_args(config)
     num_layers = None
     if layers is not None:
         layers = list(layers)
@@ -137,6 +138,6 @@ def load_text_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None,
             raise ValueError("load_text_encoder: `layers` is empty; pass None to keep all layers but the last")
         num_layers = max(resolve_hidden_layer(k, args.num_hidden_layers) for k in layers)
     model = Qwen3Encoder(args, num_layers)
-    weights = model.sanitize(load_safetensors(weight_files(encoder_dir)))
-    load_weights_strict(model, cast_floating(weights, dtype), str(encoder_dir))
+    weights, float8 = read_weights(encoder_dir)
+    load_quantizable(model, model.sanitize(weights), config, "text_encoder", str(encoder_dir), dtype, fp8, float8)
     return TextEncoder(AutoTokenizer.from_pretrained(tokenizer_dir), model)

@@ -251,7 +251,7 @@ class ZImageTransformer(nn.Module):
             capture.append((name, value))
 
 
-def load_zimage_transformer(model_dir, dtype: mx.Dtype | None = None) -> ZImageTransformer:
+def load_zimage_transformer(model_dir, dtype: mx.Dtype | None = None, fp8: str | None = None) -> ZImageTransformer:
     """The `transformer/` component; its checkpoint keys are our module paths, so there is nothing to sanitize."""
     return load_component(model_dir, "transformer", lambda config: ZImageTransformer(ZImageConfig.from_dict(config)),
-                          dtype=dtype)
+                          dtype=dtype, fp8=fp8)

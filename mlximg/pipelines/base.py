@@ -5,7 +5,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..loading import component_dir
+from ..loading import component_dir, read_config
+from ..quant import Quantization, fp8_execution, layer_policy
+from ..quant.modules import quantize_module
 from ..runtime import PhaseLog, Tracker, compute_dtype
 from ..schedulers import FlowMatchEulerScheduler
 
@@ -13,8 +15,13 @@ from ..schedulers import FlowMatchEulerScheduler
 class Pipeline:
     components = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
     size_multiple = 16  # VAE downsampling x the transformer's 2x2 patches
+    quantize_modes = ("fp8",)
+    quantized_components = ("transformer",)  # what quantize="fp8" quantizes right after loading
 
-    def __init__(self, model_dir: Path, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False):
+    def __init__(self, model_dir: Path, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False,
+                 quantize: str | None = None, fp8: str | None = None):
+        """`quantize="fp8"`: quantize the transformer at load (per the FP8 policy); `fp8`: the FP8 execution path,
+        "matmul" or "dequantize" (default: MLXIMG_FP8, else by backend)."""
         self.model_dir = Path(model_dir)
         for name in self.components:  # fail now, not after minutes of work
             component_dir(self.model_dir, name)
@@ -22,6 +29,10 @@ class Pipeline:
         self.dtype = compute_dtype(dtype)
         self.scheduler = FlowMatchEulerScheduler.from_pretrained(self.model_dir)
         self.keep_text_encoder = keep_text_encoder
+        if quantize not in (None, *self.quantize_modes):
+            raise ValueError(f"unknown quantize mode {quantize!r}; choose one of {', '.join(self.quantize_modes)}")
+        self.quantize = quantize
+        self.fp8 = fp8_execution(fp8)
         self.tracker = Tracker()
         self.phases = PhaseLog()
         self.loaded: dict[str, object] = {}
@@ -30,10 +41,17 @@ class Pipeline:
         """The component `name`, loaded by `self._load_<name>()` on first use and kept under its name."""
         if name not in self.loaded:
             loaded = getattr(self, f"_load_{name}")()
+            if self.quantize and name in self.quantized_components:
+                self._quantize_loaded(name, loaded)
             # A text encoder wraps its MLX module (`.model`) with the tokenizer.
             self.tracker.keep(loaded.model if name == "text_encoder" else loaded, owner=name)
             self.loaded[name] = loaded
         return self.loaded[name]
+
+    def _quantize_loaded(self, name: str, module) -> None:
+        config = read_config(self.model_dir / name)
+        if Quantization.from_config(config) is None:  # an FP8 checkpoint is already quantized
+            quantize_module(module, layer_policy(name, config), self.fp8)
 
     def release(self, name: str) -> int:
         """Free a loaded component now (it reloads if used again); returns the bytes released."""

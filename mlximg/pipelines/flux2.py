@@ -41,8 +41,9 @@ def text_ids(length: int) -> np.ndarray:
 
 
 class Flux2Pipeline(Pipeline):
-    def __init__(self, model_dir, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False):
-        super().__init__(model_dir, defaults, dtype, keep_text_encoder)
+    def __init__(self, model_dir, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False,
+                 **options):
+        super().__init__(model_dir, defaults, dtype, keep_text_encoder, **options)
         self.encoder_type = read_config(self.model_dir / "text_encoder").get("model_type")
         if self.encoder_type not in MAX_REFERENCES:
             raise ValueError(f"{self.model_dir}: FLUX.2 text encoder {self.encoder_type!r} is not supported "
@@ -56,11 +57,11 @@ class Flux2Pipeline(Pipeline):
 
     def _load_text_encoder(self):
         if self.encoder_type == "mistral3":
-            return load_mistral3_encoder(self.model_dir, dtype=self.dtype)
-        return load_text_encoder(self.model_dir, dtype=self.dtype, layers=FLUX2_KLEIN_HIDDEN_LAYERS)
+            return load_mistral3_encoder(self.model_dir, dtype=self.dtype, fp8=self.fp8)
+        return load_text_encoder(self.model_dir, dtype=self.dtype, layers=FLUX2_KLEIN_HIDDEN_LAYERS, fp8=self.fp8)
 
     def _load_transformer(self):
-        return load_flux2_transformer(self.model_dir, self.dtype)
+        return load_flux2_transformer(self.model_dir, self.dtype, fp8=self.fp8)
 
     def _load_vae(self):
         return load_flux2_vae(self.model_dir, dtype=self.dtype)

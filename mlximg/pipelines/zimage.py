@@ -32,10 +32,10 @@ def guided(pos: mx.array, neg: mx.array, scale: float, normalization: float) -> 
 
 class ZImagePipeline(Pipeline):
     def _load_text_encoder(self):
-        return load_text_encoder(self.model_dir, dtype=self.dtype, layers=ZIMAGE_HIDDEN_LAYERS)
+        return load_text_encoder(self.model_dir, dtype=self.dtype, layers=ZIMAGE_HIDDEN_LAYERS, fp8=self.fp8)
 
     def _load_transformer(self):
-        return load_zimage_transformer(self.model_dir, self.dtype)
+        return load_zimage_transformer(self.model_dir, self.dtype, fp8=self.fp8)
 
     def _load_vae(self):
         return load_autoencoder(self.model_dir, dtype=self.dtype)
