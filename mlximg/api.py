@@ -38,17 +38,23 @@ def load(model: str = DEFAULT_MODEL, *, dtype=None, **pipeline_options):
     folder = manifest.path or resolve_model(manifest.repo, manifest.components or None)
     family = manifest.family or family_of(folder)
     defaults = manifest.defaults or FAMILY_DEFAULTS[family]
-    return _pipeline_class(family)(folder, defaults=defaults, dtype=dtype, **pipeline_options)
+    return _pipeline_class(family)(folder, defaults=defaults, dtype=dtype, teacache_defaults=manifest.teacache,
+                                   **pipeline_options)
 
 
 def generate(prompt: str, *, model: str = DEFAULT_MODEL, width: int | None = None, height: int | None = None,
              steps: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
-             seed: int | None = None, latents=None, quantize: str | None = None, fp8: str | None = None, **options):
+             seed: int | None = None, latents=None, quantize: str | None = None, fp8: str | None = None,
+             teacache=None, stepcache=None, **options):
     """One PIL image for `prompt`. Unset steps / guidance / size come from the model's manifest.
 
     `quantize="fp8"` quantizes the transformer at load; `fp8` picks the FP8 execution path (matmul / dequantize).
+    `teacache=True` skips transformer forwards by the manifest's "teacache" settings (a dict overrides some, a
+    TeaCacheConfig replaces them); `stepcache=True` (or a dict / StepCacheConfig) reuses middle blocks' residuals.
+    image.info["parameters"]["forwards"] says how many forwards ran and were skipped.
     """
     check_arguments(model, width=width, height=height, steps=steps, guidance=guidance)
     pipeline = load(model, quantize=quantize, fp8=fp8)
     return pipeline.generate(prompt, width=width, height=height, steps=steps, guidance=guidance,
-                             negative_prompt=negative_prompt, seed=seed, latents=latents, **options)
+                             negative_prompt=negative_prompt, seed=seed, latents=latents, teacache=teacache,
+                             stepcache=stepcache, **options)

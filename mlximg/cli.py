@@ -54,12 +54,34 @@ def _generate(args: argparse.Namespace) -> int:
     pipeline = load(args.model, quantize=args.quantize, fp8=args.fp8)
     image = pipeline.generate(
         args.prompt, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
-        negative_prompt=args.negative_prompt, seed=args.seed, progress=True, **options,
+        negative_prompt=args.negative_prompt, seed=args.seed, progress=True, **_cache_options(args), **options,
     )
     save_png(image, args.output)
     print(pipeline.phases.table())
+    print(forwards_line(image.info["parameters"]))
     print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s (seed {image.info['parameters']['seed']})")
     return 0
+
+
+def _cache_options(args: argparse.Namespace) -> dict:
+    """--teacache-threshold implies --teacache, --stepcache-interval implies --stepcache."""
+    teacache = {"threshold": args.teacache_threshold} if args.teacache_threshold is not None else args.teacache
+    stepcache = {"interval": args.stepcache_interval} if args.stepcache_interval is not None else args.stepcache
+    return {"teacache": teacache or None, "stepcache": stepcache or None}
+
+
+def forwards_line(parameters: dict) -> str:
+    """How many transformer forwards ran, and what each cache did, for under the phase table."""
+    forwards = parameters["forwards"]
+    line = f"forwards: {forwards['computed']} computed, {forwards['skipped']} skipped"
+    if "teacache" in parameters:
+        tea = parameters["teacache"]
+        line += f" (teacache {tea['mode']}, threshold {tea['threshold']})"
+    if "stepcache" in parameters:
+        step = parameters["stepcache"]
+        line += (f"; stepcache interval {step['interval']}: {step['blocks_computed']} blocks computed, "
+                 f"{step['blocks_skipped']} reused")
+    return line
 
 
 def _add_generate(commands) -> None:
@@ -79,6 +101,13 @@ def _add_generate(commands) -> None:
     p.add_argument("--cfg-normalization", type=float, help="Z-Image: cap |guided| at this x |positive| (0: off)")
     p.add_argument("--tiled-decode", action="store_true",
                    help="Z-Image: decode in overlapping tiles: lower peak memory, slightly different pixels")
+    p.add_argument("--teacache", action="store_true",
+                   help="skip transformer forwards whose input barely changed (the model manifest's settings)")
+    p.add_argument("--teacache-threshold", type=float,
+                   help="TeaCache threshold (higher: more skips); implies --teacache")
+    p.add_argument("--stepcache", action="store_true",
+                   help="reuse the middle blocks' residual between refresh steps (DeepCache-style)")
+    p.add_argument("--stepcache-interval", type=int, help="StepCache refresh interval in steps; implies --stepcache")
     p.add_argument("--quantize", choices=["fp8"], help="quantize the transformer to FP8 (mxfp8) at load")
     p.add_argument("--fp8", choices=["matmul", "dequantize"],
                    help="FP8 execution path (default: MLXIMG_FP8, else matmul on GPU, dequantize on CPU)")

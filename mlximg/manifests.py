@@ -29,6 +29,7 @@ class Manifest:
     path: Path | None = None  # a local folder, instead of a repo
     components: list[str] = field(default_factory=list)
     defaults: dict = field(default_factory=dict)
+    teacache: dict | None = None  # TeaCache settings for generate(teacache=True); None: the timestep default
 
 
 def known_manifests() -> dict[str, Manifest]:
@@ -36,7 +37,8 @@ def known_manifests() -> dict[str, Manifest]:
     for path in sorted(MODELS_DIR.glob("*.json")):
         data = json.loads(path.read_text())
         manifests[data["name"]] = Manifest(data["name"], data["family"], repo=data.get("repo"),
-                                           components=data.get("components", []), defaults=data.get("defaults", {}))
+                                           components=data.get("components", []), defaults=data.get("defaults", {}),
+                                           teacache=data.get("teacache"))
     return manifests
 
 

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..cache import run_blocks
 from ..loading import load_component
 from ..nn import RMSNorm, apply_rope, attention, layer_norm, rope_tables, timestep_embedding
 
@@ -304,14 +305,15 @@ class Flux2Transformer(nn.Module):
 
     def __call__(
         self, x: mx.array, text: mx.array, t, img_ids=None, txt_ids=None, guidance=None, *,
-        rope: tuple[mx.array, mx.array] | None = None, capture: list | None = None,
+        rope: tuple[mx.array, mx.array] | None = None, capture: list | None = None, teacache=None, stepcache=None,
     ) -> mx.array:
         """x (B, N_img, in_channels) packed latent tokens (reference-image tokens appended after them), text
         (B, N_txt, joint_attention_dim), t: sigma in [0, 1], scalar or (B,); guidance: the embedded guidance
         scale (dev only), scalar or (B,), or None. Positions come as `img_ids` / `txt_ids` or as `rope`
         (from `self.rope`). Returns (B, N_img, patch^2 * out_channels) in the model's dtype: the velocity
         for every image token (slice off the reference tokens). `capture`, if a list, receives
-        (block name, output) after every block, for parity tests.
+        (block name, output) after every block, for parity tests. `teacache` (modulated mode) may replace all
+        blocks by their cached residual on the image stream; `stepcache` caches the middle of each block kind.
         """
         dtype = self.dtype
         x, text = x.astype(dtype), text.astype(dtype)
@@ -330,14 +332,27 @@ class Flux2Transformer(nn.Module):
         mod_single = self.single_stream_modulation(temb)[0]
 
         img, txt = self.x_embedder(x), self.context_embedder(text)
-        for i, block in enumerate(self.transformer_blocks):
-            img, txt = block(img, txt, mod_img, mod_txt, rope)
-            self._capture(capture, f"transformer_blocks.{i}", (txt, img))
+        if teacache is not None:  # a skipped step runs only the output layers, on input + the cached residual
+            embedded = img
+            residual = teacache.reuse(self.modulated_input(img, mod_img, mod_single))
+            if residual is not None:
+                return self.proj_out(self.norm_out(embedded + residual, temb))
+        img, txt = run_blocks(self.transformer_blocks, (img, txt),
+                              lambda block, h: block(*h, mod_img, mod_txt, rope),
+                              lambda i, h: self._capture(capture, f"transformer_blocks.{i}", h[::-1]),
+                              stepcache, "transformer_blocks")
         h = mx.concatenate([txt, img], axis=1)
-        for i, block in enumerate(self.single_transformer_blocks):
-            h = block(h, mod_single, rope)
-            self._capture(capture, f"single_transformer_blocks.{i}", h)
+        h = run_blocks(self.single_transformer_blocks, h, lambda block, h: block(h, mod_single, rope),
+                       lambda i, h: self._capture(capture, f"single_transformer_blocks.{i}", h),
+                       stepcache, "single_transformer_blocks")
+        if teacache is not None:
+            teacache.store(h[:, n_txt:] - embedded)
         return self.proj_out(self.norm_out(h[:, n_txt:], temb))
+
+    def modulated_input(self, img: mx.array, mod_img, mod_single) -> mx.array:
+        """The first block's modulated image input: TeaCache's signal of how much this step's input changed."""
+        shift, scale, _ = mod_img[0] if self.transformer_blocks else mod_single
+        return _modulate(img, shift, scale, self.args.eps)
 
     @staticmethod
     def _capture(capture: list | None, name: str, value) -> None:

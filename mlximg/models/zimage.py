@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..cache import run_blocks
 from ..loading import load_component
 from ..nn import RMSNorm, apply_rope, attention, layer_norm, rope_tables, timestep_embedding
 
@@ -113,6 +114,11 @@ class TransformerBlock(nn.Module):
         ffn_out = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
         return x + mx.tanh(gate_mlp) * self.ffn_norm2(ffn_out)
 
+    def modulated_input(self, x: mx.array, adaln: mx.array) -> mx.array:
+        """What the attention sees, as in __call__: TeaCache's signal of how much this step's input changed."""
+        scale_msa = mx.split(self.adaLN_modulation[0](adaln)[:, None], 4, axis=-1)[0]
+        return self.attention_norm1(x) * (1 + scale_msa)
+
 
 class TimestepEmbedder(nn.Module):
     def __init__(self, out_dim: int, mid_dim: int = 1024, frequency_dim: int = 256):
@@ -208,11 +214,12 @@ class ZImageTransformer(nn.Module):
         return np.stack(cap_pos), np.stack(img_pos)
 
     def __call__(self, latents: mx.array, t: mx.array, cap_feats: list[mx.array], capture: list | None = None,
-                 patch: int = 2, f_patch: int = 1) -> mx.array:
+                 patch: int = 2, f_patch: int = 1, teacache=None, stepcache=None) -> mx.array:
         """latents (B, C, H, W), t (B,) in [0, 1] (1 = clean image), one (L_i, cap_feat_dim) caption per sample.
 
         Returns the model output (B, C, H, W); the velocity is its negation. `capture`, if a list, receives
-        (block name, hidden states) after every block, for parity tests.
+        (block name, hidden states) after every block, for parity tests. `teacache` (modulated mode) may replace
+        the refiners and main layers by their cached residual; `stepcache` caches the main layers' middle.
         """
         key = f"{patch}-{f_patch}"
         b, c, height, width = latents.shape
@@ -223,6 +230,11 @@ class ZImageTransformer(nn.Module):
         image_length = padded_length(n_img)
         if image_length > n_img:
             x = mx.concatenate([x, mx.broadcast_to(self.x_pad_token, (b, image_length - n_img, x.shape[2]))], axis=1)
+        if teacache is not None:  # a skipped step runs only the final layer, on input + the cached residual
+            embedded = x[:, :n_img]
+            residual = teacache.reuse(self.noise_refiner[0].modulated_input(x, adaln))
+            if residual is not None:
+                return self.unpatchify(self.all_final_layer[key](embedded + residual, adaln), height, width, patch)
         cap, cap_lengths = self.embed_captions(cap_feats)
         cap_pos, img_pos = self.positions(cap_lengths, (height // patch, width // patch), image_length)
         img_rope, cap_rope = self.rope(img_pos), self.rope(cap_pos)
@@ -238,9 +250,10 @@ class ZImageTransformer(nn.Module):
         unified = mx.concatenate([x, cap], axis=1)
         rope = (mx.concatenate([img_rope[0], cap_rope[0]], axis=2), mx.concatenate([img_rope[1], cap_rope[1]], axis=2))
         mask = _key_mask([image_length + n for n in cap_lengths], unified.shape[1])
-        for i, block in enumerate(self.layers):
-            unified = block(unified, rope, mask, adaln)
-            self._capture(capture, f"layers.{i}", unified)
+        unified = run_blocks(self.layers, unified, lambda block, h: block(h, rope, mask, adaln),
+                             lambda i, h: self._capture(capture, f"layers.{i}", h), stepcache, "layers")
+        if teacache is not None:
+            teacache.store(unified[:, :n_img] - embedded)
 
         out = self.all_final_layer[key](unified[:, :n_img], adaln)
         return self.unpatchify(out, height, width, patch)

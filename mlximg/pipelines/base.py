@@ -5,6 +5,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..cache import StepCache, TeaCache, resolve_stepcache, resolve_teacache
 from ..loading import component_dir, read_config
 from ..quant import Quantization, fp8_execution, layer_policy
 from ..quant.modules import quantize_module
@@ -19,9 +20,10 @@ class Pipeline:
     quantized_components = ("transformer",)  # what quantize="fp8" quantizes right after loading
 
     def __init__(self, model_dir: Path, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False,
-                 quantize: str | None = None, fp8: str | None = None):
+                 quantize: str | None = None, fp8: str | None = None, teacache_defaults: dict | None = None):
         """`quantize="fp8"`: quantize the transformer at load (per the FP8 policy); `fp8`: the FP8 execution path,
-        "matmul" or "dequantize" (default: MLXIMG_FP8, else by backend)."""
+        "matmul" or "dequantize" (default: MLXIMG_FP8, else by backend); `teacache_defaults`: the manifest's
+        "teacache" entry, what `generate(teacache=True)` uses."""
         self.model_dir = Path(model_dir)
         for name in self.components:  # fail now, not after minutes of work
             component_dir(self.model_dir, name)
@@ -36,6 +38,8 @@ class Pipeline:
         self.tracker = Tracker()
         self.phases = PhaseLog()
         self.loaded: dict[str, object] = {}
+        self.teacache_defaults = teacache_defaults
+        self.cache_report: dict = {}
 
     def component(self, name: str):
         """The component `name`, loaded by `self._load_<name>()` on first use and kept under its name."""
@@ -70,6 +74,32 @@ class Pipeline:
     def encode_prompts(self, text_encoder, prompts: list[str]):
         raise NotImplementedError
 
-    def evaluate_step(self, latents: mx.array) -> mx.array:
-        """End of a denoising step: evaluate, so each step's graph is freed before the next is built."""
-        return self.tracker.eval(latents)
+    def evaluate_step(self, latents: mx.array, *caches) -> mx.array:
+        """End of a denoising step: evaluate, so each step's graph is freed before the next is built; cached
+        arrays are evaluated with it, so that none of them holds on to the step's graph."""
+        cached = [a for cache in caches if cache is not None for a in cache.arrays()]
+        return self.tracker.eval(latents, *cached)[0] if cached else self.tracker.eval(latents)
+
+    def resolve_caches(self, teacache, stepcache):
+        """The generate() arguments as configs (None when off); bad values raise ValueError before any work."""
+        return resolve_teacache(teacache, self.teacache_defaults), resolve_stepcache(stepcache)
+
+    def start_caches(self, teacache, stepcache, steps: int):
+        """Per-run cache state for the configs from `resolve_caches`, kept through this pipeline's tracker."""
+        return (TeaCache(teacache, steps, self.tracker) if teacache is not None else None,
+                StepCache(stepcache, self.tracker) if stepcache is not None else None)
+
+    def finish_caches(self, steps: int, teacache: TeaCache | None, stepcache: StepCache | None) -> None:
+        """Release the caches and record how many transformer forwards ran (`self.cache_report`)."""
+        forwards = teacache.stats() if teacache is not None else {"computed": steps, "skipped": 0}
+        report = {"forwards": forwards}
+        for name, cache in (("teacache", teacache), ("stepcache", stepcache)):
+            if cache is not None:
+                report[name] = {**cache.config.describe(), **cache.stats()}
+                cache.release()
+        self.cache_report = report
+
+    def report_parameters(self) -> dict:
+        """The cache report for image.info["parameters"], with the denoising time it goes with."""
+        seconds = round(self.phases.get("denoise").seconds, 3)
+        return {**self.cache_report, "forwards": {**self.cache_report["forwards"], "denoise_seconds": seconds}}

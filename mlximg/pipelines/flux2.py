@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from ..cache import step_forward
 from ..loading import read_config, read_json
 from ..models.flux2 import load_flux2_transformer
 from ..models.flux2_vae import load_flux2_vae, pack_latents, unpack_latents
@@ -88,8 +89,10 @@ class Flux2Pipeline(Pipeline):
         return tokens, np.concatenate(ids)
 
     def denoise(self, latents: mx.array, text: mx.array, steps: int, guidance: float,
-                references: tuple[mx.array, np.ndarray] | None = None, progress: bool = False) -> mx.array:
-        """latents (1, 128, h, w); text (1 or 2 with CFG [positive, negative], 512, D)."""
+                references: tuple[mx.array, np.ndarray] | None = None, progress: bool = False, teacache=None,
+                stepcache=None) -> mx.array:
+        """latents (1, 128, h, w); text (1 or 2 with CFG [positive, negative], 512, D). `teacache` / `stepcache`:
+        configs (see `resolve_caches`) or None; how many forwards ran goes to `self.cache_report`."""
         transformer = self.component("transformer")
         height, width = latents.shape[2], latents.shape[3]
         x = pack_latents(latents)
@@ -105,17 +108,26 @@ class Flux2Pipeline(Pipeline):
         mu = compute_empirical_mu(n_image, steps)
         sigmas = self.scheduler.sigmas(steps, sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu)
         times = (self.scheduler.timesteps(sigmas) / np.float32(1000)).astype(np.float32)
-        with self.phases.phase("denoise"):
-            for i in tqdm(range(steps), disable=not progress, desc="denoise"):
-                tokens = x if references is None else mx.concatenate([x, references[0]], axis=1)
-                tokens = mx.broadcast_to(tokens, (batch, *tokens.shape[1:])).astype(self.dtype)
-                t = mx.full((batch,), times[i], dtype=mx.float32)
-                out = transformer(tokens, text, t, guidance=guidance_input, rope=rope)[:, :n_image]
-                out = out.astype(mx.float32)
-                if cfg:
-                    out = out[1:] + guidance * (out[:1] - out[1:])
-                x = self.scheduler.step(out, x, sigmas[i], sigmas[i + 1])
-                self.evaluate_step(x)
+        contexts = ("positive", "negative") if cfg else ("positive",)
+        teacache, stepcache = self.start_caches(teacache, stepcache, steps)
+        try:
+            with self.phases.phase("denoise"):
+                for i in tqdm(range(steps), disable=not progress, desc="denoise"):
+                    tokens = x if references is None else mx.concatenate([x, references[0]], axis=1)
+                    tokens = mx.broadcast_to(tokens, (batch, *tokens.shape[1:])).astype(self.dtype)
+                    t = mx.full((batch,), times[i], dtype=mx.float32)
+                    if stepcache is not None:
+                        stepcache.begin(i)
+                    # The cache holds the per-context predictions; guidance is combined after it, every step.
+                    out = step_forward(teacache, i, times[i], contexts, lambda cache: transformer(
+                        tokens, text, t, guidance=guidance_input, rope=rope, teacache=cache, stepcache=stepcache))
+                    out = out[:, :n_image].astype(mx.float32)
+                    if cfg:
+                        out = out[1:] + guidance * (out[:1] - out[1:])
+                    x = self.scheduler.step(out, x, sigmas[i], sigmas[i + 1])
+                    self.evaluate_step(x, teacache, stepcache)
+        finally:
+            self.finish_caches(steps, teacache, stepcache)
         return unpack_latents(x, height, width)
 
     def decode(self, latents: mx.array):
@@ -126,9 +138,10 @@ class Flux2Pipeline(Pipeline):
 
     def generate(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
                  guidance: float | None = None, negative_prompt: str | None = None, seed: int | None = None,
-                 latents=None, image=None, progress: bool = False):
+                 latents=None, image=None, progress: bool = False, teacache=None, stepcache=None):
         """One image for `prompt`, optionally edited from reference `image`s (one or a list: PIL images, paths or
-        uint8 arrays). Without an explicit size, the first reference's (cropped) size is used, as diffusers does."""
+        uint8 arrays). Without an explicit size, the first reference's (cropped) size is used, as diffusers does.
+        `teacache` / `stepcache`: True (defaults), a dict of settings or a TeaCacheConfig / StepCacheConfig."""
         references = load_references(image, self.max_references, self.size_multiple) if image is not None else []
         if references and width is None and height is None:
             height, width = references[0].shape[1:3]
@@ -136,6 +149,7 @@ class Flux2Pipeline(Pipeline):
                                                            self.size_multiple)
         cfg = self.uses_cfg(guidance)
         check_prompts(prompt, negative_prompt, cfg, self._no_cfg_reason(guidance))
+        teacache, stepcache = self.resolve_caches(teacache, stepcache)
         if guidance > 1 and self.is_distilled:
             warnings.warn(f"guidance {guidance} is ignored: this model is step-distilled", stacklevel=2)
         shape = (1, self.latent_channels, height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN)
@@ -144,12 +158,12 @@ class Flux2Pipeline(Pipeline):
         self.phases.clear()
         text = self.encode([prompt, negative_prompt or ""] if cfg else [prompt])
         reference_tokens = self.encode_references(references) if references else None
-        latents = self.denoise(latents, text, steps, guidance, reference_tokens, progress)
+        latents = self.denoise(latents, text, steps, guidance, reference_tokens, progress, teacache, stepcache)
         result = self.decode(latents)
         result.info["parameters"] = {
             "prompt": prompt, "negative_prompt": negative_prompt or "", "model": self.model_dir.name,
             "width": width, "height": height, "steps": steps, "guidance": guidance, "seed": seed,
-            "references": len(references),
+            "references": len(references), **self.report_parameters(),
         }
         return result
 

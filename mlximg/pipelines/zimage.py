@@ -5,6 +5,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from ..cache import step_forward
 from ..models.autoencoder_kl import load_autoencoder
 from ..models.qwen3_encoder import ZIMAGE_HIDDEN_LAYERS, load_text_encoder
 from ..models.zimage import load_zimage_transformer
@@ -45,7 +46,9 @@ class ZImagePipeline(Pipeline):
 
     def denoise(self, latents: mx.array, positive: list[mx.array], negative: list[mx.array], steps: int,
                 guidance: float, cfg_truncation: float = 1.0, cfg_normalization: float = 0.0,
-                progress: bool = False) -> mx.array:
+                progress: bool = False, teacache=None, stepcache=None) -> mx.array:
+        """`teacache` / `stepcache`: configs (see `resolve_caches`) or None; how many forwards ran goes to
+        `self.cache_report`."""
         transformer = self.component("transformer")
         image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
         cfg = self.scheduler.config
@@ -55,20 +58,30 @@ class ZImagePipeline(Pipeline):
         # The transformer's time runs the other way: t = 1 - sigma, from the scheduler's float32 timesteps.
         times = (np.float32(1000) - self.scheduler.timesteps(sigmas)) / np.float32(1000)
         batch = latents.shape[0]
-        with self.phases.phase("denoise"):
-            for i in tqdm(range(steps), disable=not progress, desc="denoise"):
-                # cfg_truncation switches guidance off once t passes it, as diffusers does.
-                scale = guidance if (cfg_truncation > 1 or times[i] <= cfg_truncation) else 0.0
-                t = mx.full((batch,), times[i], dtype=mx.float32)
-                if guidance > 0 and scale > 0:
-                    out = transformer(mx.concatenate([latents, latents]).astype(self.dtype),
-                                      mx.concatenate([t, t]), positive + negative)
-                    pred = guided(out[:batch].astype(mx.float32), out[batch:].astype(mx.float32), scale,
-                                  cfg_normalization)
-                else:
-                    pred = transformer(latents.astype(self.dtype), t, positive).astype(mx.float32)
-                latents = self.scheduler.step(-pred, latents, sigmas[i], sigmas[i + 1])
-                self.evaluate_step(latents)
+        teacache, stepcache = self.start_caches(teacache, stepcache, steps)
+        try:
+            with self.phases.phase("denoise"):
+                for i in tqdm(range(steps), disable=not progress, desc="denoise"):
+                    # cfg_truncation switches guidance off once t passes it, as diffusers does.
+                    scale = guidance if (cfg_truncation > 1 or times[i] <= cfg_truncation) else 0.0
+                    t = mx.full((batch,), times[i], dtype=mx.float32)
+                    if stepcache is not None:
+                        stepcache.begin(i)
+                    if guidance > 0 and scale > 0:
+                        # The cache holds positive and negative predictions; guidance is applied after it.
+                        out = step_forward(teacache, i, times[i], ("positive", "negative"), lambda cache: transformer(
+                            mx.concatenate([latents, latents]).astype(self.dtype), mx.concatenate([t, t]),
+                            positive + negative, teacache=cache, stepcache=stepcache))
+                        pred = guided(out[:batch].astype(mx.float32), out[batch:].astype(mx.float32), scale,
+                                      cfg_normalization)
+                    else:
+                        pred = step_forward(teacache, i, times[i], ("positive",), lambda cache: transformer(
+                            latents.astype(self.dtype), t, positive, teacache=cache, stepcache=stepcache))
+                        pred = pred.astype(mx.float32)
+                    latents = self.scheduler.step(-pred, latents, sigmas[i], sigmas[i + 1])
+                    self.evaluate_step(latents, teacache, stepcache)
+        finally:
+            self.finish_caches(steps, teacache, stepcache)
         return latents
 
     def decode(self, latents: mx.array, tiled: bool = False):
@@ -81,8 +94,10 @@ class ZImagePipeline(Pipeline):
     def generate(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
                  guidance: float | None = None, negative_prompt: str | None = None, seed: int | None = None,
                  latents=None, cfg_truncation: float = 1.0, cfg_normalization: float | bool | None = None,
-                 tiled_decode: bool = False, image=None, progress: bool = False):
-        """One image for `prompt`; returns a PIL image whose `info["parameters"]` records the settings used."""
+                 tiled_decode: bool = False, image=None, progress: bool = False, teacache=None, stepcache=None):
+        """One image for `prompt`; returns a PIL image whose `info["parameters"]` records the settings used and
+        how many transformer forwards ran. `teacache` / `stepcache`: True (defaults), a dict of settings or a
+        TeaCacheConfig / StepCacheConfig."""
         if image is not None:
             raise ValueError("Z-Image text-to-image takes no reference image (FLUX.2 models do)")
         width, height, steps, guidance = resolve_arguments(self.defaults, width, height, steps, guidance,
@@ -91,17 +106,19 @@ class ZImagePipeline(Pipeline):
                               else self.defaults.get("cfg_normalization", 0.0))
         use_cfg = guidance > 0
         check_prompts(prompt, negative_prompt, use_cfg, "guidance is 0")
+        teacache, stepcache = self.resolve_caches(teacache, stepcache)
         shape = (1, LATENT_CHANNELS, height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT)
         latents, seed = initial_noise(shape, seed, latents)
 
         self.phases.clear()
         embeddings = self.encode([prompt, negative_prompt or ""] if use_cfg else [prompt])
         positive, negative = embeddings[:1], embeddings[1:]
-        latents = self.denoise(latents, positive, negative, steps, guidance, cfg_truncation, normalization, progress)
+        latents = self.denoise(latents, positive, negative, steps, guidance, cfg_truncation, normalization, progress,
+                               teacache, stepcache)
         image = self.decode(latents, tiled=tiled_decode)
         image.info["parameters"] = {
             "prompt": prompt, "negative_prompt": negative_prompt or "", "model": self.model_dir.name,
             "width": width, "height": height, "steps": steps, "guidance": guidance, "seed": seed,
-            "cfg_truncation": cfg_truncation, "cfg_normalization": normalization,
+            "cfg_truncation": cfg_truncation, "cfg_normalization": normalization, **self.report_parameters(),
         }
         return image
