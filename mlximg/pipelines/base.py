@@ -11,6 +11,7 @@ from ..quant import Quantization, fp8_execution, layer_policy
 from ..quant.modules import quantize_module
 from ..runtime import PhaseLog, Tracker, compute_dtype
 from ..schedulers import FlowMatchEulerScheduler
+from .inputs import to_image
 
 
 class Pipeline:
@@ -73,6 +74,13 @@ class Pipeline:
 
     def encode_prompts(self, text_encoder, prompts: list[str]):
         raise NotImplementedError
+
+    def decode(self, latents: mx.array, **vae_options):
+        """Latents in the diffusion model's layout -> PIL image, in the "decode" phase; options go to the VAE."""
+        with self.phases.phase("decode"):
+            decoded = self.component("vae").decode_latents(latents.astype(self.dtype), **vae_options)
+            self.tracker.eval(decoded)
+        return to_image(decoded)
 
     def evaluate_step(self, latents: mx.array, *caches) -> mx.array:
         """End of a denoising step: evaluate, so each step's graph is freed before the next is built; cached

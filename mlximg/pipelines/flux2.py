@@ -19,7 +19,7 @@ from ..models.mistral3_encoder import load_mistral3_encoder
 from ..models.qwen3_encoder import FLUX2_KLEIN_HIDDEN_LAYERS, load_text_encoder
 from ..schedulers import compute_empirical_mu
 from .base import Pipeline
-from .inputs import check_prompts, initial_noise, resolve_arguments, to_image
+from .inputs import check_prompts, initial_noise, resolve_arguments
 from .references import load_references
 
 PIXELS_PER_TOKEN = 16
@@ -129,12 +129,6 @@ class Flux2Pipeline(Pipeline):
         finally:
             self.finish_caches(steps, teacache, stepcache)
         return unpack_latents(x, height, width)
-
-    def decode(self, latents: mx.array):
-        with self.phases.phase("decode"):
-            decoded = self.component("vae").decode_latents(latents.astype(self.dtype))
-            self.tracker.eval(decoded)
-        return to_image(decoded)
 
     def generate(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
                  guidance: float | None = None, negative_prompt: str | None = None, seed: int | None = None,

@@ -11,7 +11,7 @@ from ..models.qwen3_encoder import ZIMAGE_HIDDEN_LAYERS, load_text_encoder
 from ..models.zimage import load_zimage_transformer
 from ..schedulers import calculate_shift
 from .base import Pipeline
-from .inputs import check_prompts, initial_noise, resolve_arguments, to_image
+from .inputs import check_prompts, initial_noise, resolve_arguments
 
 LATENT_CHANNELS = 16
 PIXELS_PER_LATENT = 8  # the VAE's downsampling
@@ -84,13 +84,6 @@ class ZImagePipeline(Pipeline):
             self.finish_caches(steps, teacache, stepcache)
         return latents
 
-    def decode(self, latents: mx.array, tiled: bool = False):
-        with self.phases.phase("decode"):
-            vae = self.component("vae")
-            decoded = vae.decode_latents(latents.astype(self.dtype), tiled=tiled, tile_sample_size=DECODE_TILE)
-            self.tracker.eval(decoded)
-        return to_image(decoded)
-
     def generate(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
                  guidance: float | None = None, negative_prompt: str | None = None, seed: int | None = None,
                  latents=None, cfg_truncation: float = 1.0, cfg_normalization: float | bool | None = None,
@@ -115,7 +108,7 @@ class ZImagePipeline(Pipeline):
         positive, negative = embeddings[:1], embeddings[1:]
         latents = self.denoise(latents, positive, negative, steps, guidance, cfg_truncation, normalization, progress,
                                teacache, stepcache)
-        image = self.decode(latents, tiled=tiled_decode)
+        image = self.decode(latents, tiled=tiled_decode, tile_sample_size=DECODE_TILE)
         image.info["parameters"] = {
             "prompt": prompt, "negative_prompt": negative_prompt or "", "model": self.model_dir.name,
             "width": width, "height": height, "steps": steps, "guidance": guidance, "seed": seed,
