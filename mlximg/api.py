@@ -24,7 +24,8 @@ def check_arguments(model: str, *, width=None, height=None, steps=None, guidance
     manifest = resolve(model)
     if manifest.family:  # an unknown repo id's family is known only once downloaded
         defaults = manifest.defaults or FAMILY_DEFAULTS[manifest.family]
-        resolve_arguments(defaults, width, height, steps, guidance, _pipeline_class(manifest.family).size_multiple)
+        multiple = _pipeline_class(manifest.family).size_multiple_of(manifest.path)
+        resolve_arguments(defaults, width, height, steps, guidance, multiple)
     return manifest
 
 

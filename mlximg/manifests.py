@@ -26,7 +26,7 @@ class Manifest:
     name: str
     family: str
     repo: str | None = None  # Hugging Face repo id
-    path: Path | None = None  # a local folder, instead of a repo
+    path: Path | None = None  # a local folder instead of a repo (in a manifest: relative to models/)
     components: list[str] = field(default_factory=list)
     defaults: dict = field(default_factory=dict)
     teacache: dict | None = None  # TeaCache settings for generate(teacache=True); None: the timestep default
@@ -36,7 +36,8 @@ def known_manifests() -> dict[str, Manifest]:
     manifests = {}
     for path in sorted(MODELS_DIR.glob("*.json")):
         data = json.loads(path.read_text())
-        manifests[data["name"]] = Manifest(data["name"], data["family"], repo=data.get("repo"),
+        folder = MODELS_DIR / data["path"] if "path" in data else None
+        manifests[data["name"]] = Manifest(data["name"], data["family"], repo=data.get("repo"), path=folder,
                                            components=data.get("components", []), defaults=data.get("defaults", {}),
                                            teacache=data.get("teacache"))
     return manifests

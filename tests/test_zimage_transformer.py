@@ -67,9 +67,12 @@ def test_blocks_and_output_match_diffusers(tiny, rng, height, width, cap_lengths
     captured = []
     out = model(mx.array(latents), mx.array(t), [mx.array(c) for c in caps], capture=captured)
 
-    assert [name for name, _ in captured] == [name for name, _ in expected_blocks]
+    # Captions are refined before the image tokens (their refiner is step-independent), so compare by name.
+    assert sorted(name for name, _ in captured) == sorted(name for name, _ in expected_blocks)
     n_image = (height // 2) * (width // 2)
-    for (name, ours), (_, ref) in zip(captured, expected_blocks):
+    ours_by_name = dict(captured)
+    for name, ref in expected_blocks:
+        ours = ours_by_name[name]
         for i, rows in enumerate(valid_rows(name, n_image, cap_lengths)):
             assert_close(np.array(ours[i, :rows]), ref[i, :rows], TOLERANCE, f"{name}, sample {i}")
     assert_close(out, expected, TOLERANCE, "output")

@@ -144,6 +144,17 @@ class FinalLayer(nn.Module):
         return self.linear(layer_norm(x, eps=1e-6) * scale[:, None])
 
 
+@dataclass
+class Conditioning:
+    """A run's per-step constants: caption tokens after the context refiner, (cos, sin) RoPE tables of the image
+    tokens and of the unified sequence, and the unified sequence's key mask (None: nothing masked)."""
+
+    captions: mx.array
+    image_rope: tuple[mx.array, mx.array]
+    rope: tuple[mx.array, mx.array]
+    mask: mx.array | None
+
+
 def padded_length(n: int) -> int:
     return n + (-n) % SEQ_MULTIPLE
 
@@ -213,9 +224,26 @@ class ZImageTransformer(nn.Module):
             img_pos.append(img)
         return np.stack(cap_pos), np.stack(img_pos)
 
-    def __call__(self, latents: mx.array, t: mx.array, cap_feats: list[mx.array], capture: list | None = None,
-                 patch: int = 2, f_patch: int = 1, teacache=None, stepcache=None) -> mx.array:
-        """latents (B, C, H, W), t (B,) in [0, 1] (1 = clean image), one (L_i, cap_feat_dim) caption per sample.
+    def condition(self, cap_feats: list[mx.array], grid: tuple[int, int], capture: list | None = None) -> Conditioning:
+        """What every step of a run shares: captions through the context refiner (it has no timestep input),
+        RoPE tables and masks. `grid`: the image's patch grid (H / patch, W / patch)."""
+        cap, cap_lengths = self.embed_captions(cap_feats)
+        image_length = padded_length(grid[0] * grid[1])
+        cap_pos, img_pos = self.positions(cap_lengths, grid, image_length)
+        img_rope, cap_rope = self.rope(img_pos), self.rope(cap_pos)
+        cap_mask = _key_mask(cap_lengths, cap.shape[1])
+        for i, block in enumerate(self.context_refiner):
+            cap = block(cap, cap_rope, cap_mask)
+            self._capture(capture, f"context_refiner.{i}", cap)
+        rope = (mx.concatenate([img_rope[0], cap_rope[0]], axis=2), mx.concatenate([img_rope[1], cap_rope[1]], axis=2))
+        mask = _key_mask([image_length + n for n in cap_lengths], image_length + cap.shape[1])
+        return Conditioning(cap, img_rope, rope, mask)
+
+    def __call__(self, latents: mx.array, t: mx.array, cap_feats: list[mx.array] | None = None,
+                 capture: list | None = None, patch: int = 2, f_patch: int = 1, conditioning: Conditioning | None = None,
+                 teacache=None, stepcache=None) -> mx.array:
+        """latents (B, C, H, W), t (B,) in [0, 1] (1 = clean image), one (L_i, cap_feat_dim) caption per sample,
+        or their `conditioning` (from `condition`, computed once per run).
 
         Returns the model output (B, C, H, W); the velocity is its negation. `capture`, if a list, receives
         (block name, hidden states) after every block, for parity tests. `teacache` (modulated mode) may replace
@@ -235,22 +263,14 @@ class ZImageTransformer(nn.Module):
             residual = teacache.reuse(self.noise_refiner[0].modulated_input(x, adaln))
             if residual is not None:
                 return self.unpatchify(self.all_final_layer[key](embedded + residual, adaln), height, width, patch)
-        cap, cap_lengths = self.embed_captions(cap_feats)
-        cap_pos, img_pos = self.positions(cap_lengths, (height // patch, width // patch), image_length)
-        img_rope, cap_rope = self.rope(img_pos), self.rope(cap_pos)
+        if conditioning is None:
+            conditioning = self.condition(cap_feats, (height // patch, width // patch), capture)
 
         for i, block in enumerate(self.noise_refiner):
-            x = block(x, img_rope, None, adaln)
+            x = block(x, conditioning.image_rope, None, adaln)
             self._capture(capture, f"noise_refiner.{i}", x)
-        cap_mask = _key_mask(cap_lengths, cap.shape[1])
-        for i, block in enumerate(self.context_refiner):
-            cap = block(cap, cap_rope, cap_mask)
-            self._capture(capture, f"context_refiner.{i}", cap)
-
-        unified = mx.concatenate([x, cap], axis=1)
-        rope = (mx.concatenate([img_rope[0], cap_rope[0]], axis=2), mx.concatenate([img_rope[1], cap_rope[1]], axis=2))
-        mask = _key_mask([image_length + n for n in cap_lengths], unified.shape[1])
-        unified = run_blocks(self.layers, unified, lambda block, h: block(h, rope, mask, adaln),
+        unified = mx.concatenate([x, conditioning.captions], axis=1)
+        unified = run_blocks(self.layers, unified, lambda block, h: block(h, conditioning.rope, conditioning.mask, adaln),
                              lambda i, h: self._capture(capture, f"layers.{i}", h), stepcache, "layers")
         if teacache is not None:
             teacache.store(unified[:, :n_img] - embedded)

@@ -28,6 +28,7 @@ class Pipeline:
         self.model_dir = Path(model_dir)
         for name in self.components:  # fail now, not after minutes of work
             component_dir(self.model_dir, name)
+        self.size_multiple = self.size_multiple_of(self.model_dir)
         self.defaults = defaults or {}
         self.dtype = compute_dtype(dtype)
         self.scheduler = FlowMatchEulerScheduler.from_pretrained(self.model_dir)
@@ -41,6 +42,11 @@ class Pipeline:
         self.loaded: dict[str, object] = {}
         self.teacache_defaults = teacache_defaults
         self.cache_report: dict = {}
+
+    @classmethod
+    def size_multiple_of(cls, model_dir: Path | None) -> int:
+        """What image sides must be a multiple of, for the model in `model_dir` (None: not downloaded yet)."""
+        return cls.size_multiple
 
     def component(self, name: str):
         """The component `name`, loaded by `self._load_<name>()` on first use and kept under its name."""

@@ -1,20 +1,21 @@
 """Z-Image text-to-image: encode the prompt, release the encoder, denoise with flow-matching Euler, decode."""
 
 
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
 from ..cache import step_forward
-from ..models.autoencoder_kl import load_autoencoder
+from ..loading import read_config
+from ..models.autoencoder_kl import AutoencoderKLConfig, load_autoencoder
 from ..models.qwen3_encoder import ZIMAGE_HIDDEN_LAYERS, load_text_encoder
 from ..models.zimage import load_zimage_transformer
 from ..schedulers import calculate_shift
 from .base import Pipeline
 from .inputs import check_prompts, initial_noise, resolve_arguments
 
-LATENT_CHANNELS = 16
-PIXELS_PER_LATENT = 8  # the VAE's downsampling
 # Tiled decode: 512-px tiles cut a 1024x1024 decode's peak from 6.1 to 1.7 GiB (docs/MEASUREMENTS.md).
 DECODE_TILE = 512
 
@@ -31,7 +32,17 @@ def guided(pos: mx.array, neg: mx.array, scale: float, normalization: float) -> 
     return pred
 
 
+def vae_downsampling(model_dir: Path) -> int:
+    """Image pixels per latent pixel (8 for Z-Image's VAE), from vae/config.json as diffusers computes it."""
+    return AutoencoderKLConfig.from_dict(read_config(Path(model_dir) / "vae")).scale_factor_spatial
+
+
 class ZImagePipeline(Pipeline):
+    @classmethod
+    def size_multiple_of(cls, model_dir: Path | None) -> int:
+        # The VAE's downsampling x the transformer's 2x2 patches.
+        return cls.size_multiple if model_dir is None else 2 * vae_downsampling(model_dir)
+
     def _load_text_encoder(self):
         return load_text_encoder(self.model_dir, dtype=self.dtype, layers=ZIMAGE_HIDDEN_LAYERS, fp8=self.fp8)
 
@@ -58,6 +69,16 @@ class ZImagePipeline(Pipeline):
         # The transformer's time runs the other way: t = 1 - sigma, from the scheduler's float32 timesteps.
         times = (np.float32(1000) - self.scheduler.timesteps(sigmas)) / np.float32(1000)
         batch = latents.shape[0]
+        conditionings = {}
+
+        def conditioning(cfg: bool):
+            """Caption tokens, RoPE tables and masks: once per run (and batch: with or without the negative)."""
+            if cfg not in conditionings:
+                grid = (latents.shape[2] // 2, latents.shape[3] // 2)
+                conditionings[cfg] = transformer.condition(positive + negative if cfg else positive, grid)
+                mx.eval([value for value in vars(conditionings[cfg]).values() if value is not None])
+            return conditionings[cfg]
+
         teacache, stepcache = self.start_caches(teacache, stepcache, steps)
         try:
             with self.phases.phase("denoise"):
@@ -71,12 +92,13 @@ class ZImagePipeline(Pipeline):
                         # The cache holds positive and negative predictions; guidance is applied after it.
                         out = step_forward(teacache, i, times[i], ("positive", "negative"), lambda cache: transformer(
                             mx.concatenate([latents, latents]).astype(self.dtype), mx.concatenate([t, t]),
-                            positive + negative, teacache=cache, stepcache=stepcache))
+                            conditioning=conditioning(True), teacache=cache, stepcache=stepcache))
                         pred = guided(out[:batch].astype(mx.float32), out[batch:].astype(mx.float32), scale,
                                       cfg_normalization)
                     else:
                         pred = step_forward(teacache, i, times[i], ("positive",), lambda cache: transformer(
-                            latents.astype(self.dtype), t, positive, teacache=cache, stepcache=stepcache))
+                            latents.astype(self.dtype), t, conditioning=conditioning(False), teacache=cache,
+                            stepcache=stepcache))
                         pred = pred.astype(mx.float32)
                     latents = self.scheduler.step(-pred, latents, sigmas[i], sigmas[i + 1])
                     self.evaluate_step(latents, teacache, stepcache)
@@ -100,7 +122,9 @@ class ZImagePipeline(Pipeline):
         use_cfg = guidance > 0
         check_prompts(prompt, negative_prompt, use_cfg, "guidance is 0")
         teacache, stepcache = self.resolve_caches(teacache, stepcache)
-        shape = (1, LATENT_CHANNELS, height // PIXELS_PER_LATENT, width // PIXELS_PER_LATENT)
+        downsampling = self.size_multiple // 2
+        channels = read_config(self.model_dir / "transformer").get("in_channels", 16)
+        shape = (1, channels, height // downsampling, width // downsampling)
         latents, seed = initial_noise(shape, seed, latents)
 
         self.phases.clear()
