@@ -13,6 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..loading import load_component
+from ..nn import silu
 
 _DOWN_BLOCKS = ("DownEncoderBlock2D",)
 _UP_BLOCKS = ("UpDecoderBlock2D",)
@@ -177,8 +178,8 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = nn.Linear(in_channels, out_channels)  # a 1x1 conv
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv2(silu(self.norm2(h)))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h
@@ -280,7 +281,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
 
 class Decoder(nn.Module):
@@ -301,7 +302,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
 
 def _blend(previous: mx.array, tile: mx.array, extent: int, axis: int) -> mx.array:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..cache import run_blocks
 from ..loading import load_component
-from ..nn import RMSNorm, apply_rope, attention, layer_norm, rope_tables, timestep_embedding
+from ..nn import RMSNorm, apply_rope, attention, layer_norm, rope_tables, silu_mul, timestep_embedding
 
 TIME_SCALE = 1000.0  # the model gets sigma (and the guidance scale) and embeds them x1000
 FLOAT16_MAX = 65504.0
@@ -98,7 +98,7 @@ class FeedForward(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, value = mx.split(self.linear_in(x), 2, axis=-1)
-        return self.linear_out(nn.silu(gate) * value)
+        return self.linear_out(silu_mul(gate, value))
 
 
 class JointAttention(nn.Module):
@@ -170,7 +170,7 @@ class ParallelAttention(nn.Module):
         q, k, v, gate, value = mx.split(self.to_qkv_mlp_proj(x), self.splits, axis=-1)
         d = self.head_dim
         out = _attend(self.norm_q(_heads(q, d)), self.norm_k(_heads(k, d)), _heads(v, d), rope)
-        return self.to_out(mx.concatenate([out, nn.silu(gate) * value], axis=-1))
+        return self.to_out(mx.concatenate([out, silu_mul(gate, value)], axis=-1))
 
 
 class SingleTransformerBlock(nn.Module):

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..cache import run_blocks
 from ..loading import load_component
-from ..nn import RMSNorm, apply_rope, attention, layer_norm, rope_tables, timestep_embedding
+from ..nn import RMSNorm, apply_rope, attention, layer_norm, rope_tables, silu_mul, timestep_embedding
 
 SEQ_MULTIPLE = 32  # every token sequence is padded to a multiple of this
 ADALN_DIM = 256  # width of the timestep conditioning
@@ -86,7 +86,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu_mul(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):

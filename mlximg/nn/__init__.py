@@ -1,8 +1,10 @@
 """Layers shared by the Z-Image and FLUX.2 networks."""
 
 from .attention import attention, split_heads
+from .cpu_math import silu, silu_mul
 from .embeddings import timestep_embedding
 from .norms import RMSNorm, layer_norm
 from .rope import apply_rope, rope_tables
 
-__all__ = ["RMSNorm", "apply_rope", "attention", "layer_norm", "rope_tables", "split_heads", "timestep_embedding"]
+__all__ = ["RMSNorm", "apply_rope", "attention", "layer_norm", "rope_tables", "silu", "silu_mul", "split_heads",
+           "timestep_embedding"]

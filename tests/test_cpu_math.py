@@ -1,0 +1,61 @@
+"""The CPU float32 fast paths (mlximg/nn/cpu_math.py) against float64 numpy and torch's kernels."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlximg.nn import attention, cpu_math, silu, silu_mul
+from oracle import assert_close, require_oracle
+
+
+def test_exp_is_at_least_as_accurate_as_mlx_exp():
+    x = np.concatenate([np.linspace(-87, 88, 200_001), np.random.default_rng(0).normal(0, 3, 100_000)])
+    x = x.astype(np.float32)
+    expected = np.exp(x.astype(np.float64))
+    ours = np.array(cpu_math.exp(mx.array(x))).astype(np.float64)
+    mlx_exp = np.array(mx.exp(mx.array(x))).astype(np.float64)
+    ours_error = np.max(np.abs(ours - expected) / expected)
+    assert ours_error < 2e-7 and ours_error <= np.max(np.abs(mlx_exp - expected) / expected)  # 9.6e-8 vs 3.9e-6
+
+
+def test_exp_saturates_instead_of_wrapping():
+    values = np.array(cpu_math.exp(mx.array([-1e4, -100.0, 100.0, 1e4], dtype=mx.float32)))
+    assert np.all(np.isfinite(values)) and values[0] < 1e-37 and values[1] < 1e-37 and values[2] > 1e38
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_attention_matches_torch_sdpa(mask_kind):
+    torch = require_oracle()
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 3, 40, 16)).astype(np.float32) * 2 for _ in range(3))
+    keep = np.ones((2, 1, 1, 40), dtype=bool)
+    keep[1, ..., 29:] = False  # sample 1's last keys are padding
+    mask = {None: None, "bool": keep, "additive": np.where(keep, 0.0, -1e9).astype(np.float32)}[mask_kind]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.from_numpy(a) for a in (q, k, v)), attn_mask=None if mask is None else torch.from_numpy(mask))
+    assert cpu_math.fast_math_applies(mx.array(q))
+    ours = attention(mx.array(q), mx.array(k), mx.array(v), None if mask is None else mx.array(mask))
+    assert_close(ours, expected.permute(0, 2, 1, 3).reshape(2, 40, 48), 1e-6, f"attention, mask {mask_kind}")
+
+
+def test_masked_keys_get_exactly_zero_weight():
+    rng = np.random.default_rng(2)
+    q, k, v = (mx.array(rng.standard_normal((1, 1, 8, 4)).astype(np.float32)) for _ in range(3))
+    mask = mx.array(np.arange(8) < 5)[None, None, None]
+    changed = v + mx.array((np.arange(8) >= 5)[:, None] * 1e30, dtype=mx.float32)  # huge values on masked keys
+    assert mx.array_equal(cpu_math.attention(q, k, v, 0.5, mask), cpu_math.attention(q, k, changed, 0.5, mask))
+
+
+def test_silu_and_swiglu_match_torch():
+    torch = require_oracle()
+    x = np.random.default_rng(3).normal(0, 8, (64, 300)).astype(np.float32)
+    y = np.random.default_rng(4).normal(0, 1, (64, 300)).astype(np.float32)
+    expected = torch.nn.functional.silu(torch.from_numpy(x))
+    assert_close(silu(mx.array(x)), expected, 1e-6, "silu")
+    assert_close(silu_mul(mx.array(x), mx.array(y)), expected * torch.from_numpy(y), 1e-6, "silu * value")
+
+
+def test_other_dtypes_keep_mlx_kernels():
+    x = mx.array(np.linspace(-5, 5, 64, dtype=np.float32)).astype(mx.bfloat16)
+    assert not cpu_math.fast_math_applies(x)
+    assert mx.array_equal(silu(x), mx.sigmoid(x) * x) or mx.allclose(silu(x), x * mx.sigmoid(x))
