@@ -1,16 +1,36 @@
-"""Side-by-side benchmark: mlximg (MLX) against PyTorch on the same machine, in one run, as ratios.
+"""Side-by-side pipeline benchmark: mlximg (MLX) against diffusers (PyTorch), same models, same machine, as ratios.
 
-Each engine runs in its own child process so its peak memory is its own. The workload, until the model
-issues add the real networks, is a stack of DiT blocks (RMSNorm, QKV, multi-axis RoPE, attention, MLP) built
-from mlximg.nn on one side and the equivalent torch ops on the other, with the same random weights; plus a
-float32 matmul that shows which BLAS each engine gets.
+Real weights cannot be downloaded here, so each family gets a random-weight "mid" model of the real architecture,
+built once with diffusers / transformers `save_pretrained` under --cache (random_models.py):
 
-    python scripts/bench.py                     # both engines, default mid-size config
-    python scripts/bench.py --dim 1024 --tokens 4096 --reps 5
+    Z-Image  transformer dim 768 (6 heads of 128), 10 layers + 2 noise / 2 context refiners, ~100M parameters
+    klein    transformer 768 wide (6 heads of 128), 2 double-stream + 8 single-stream blocks, ~100M parameters
+    text     Qwen3 with the real 151k-token tokenizer: hidden 512, MLP 1536, 8 heads (4 KV) of 64;
+             8 layers for Z-Image, 28 for klein (which takes hidden states 9, 18 and 27)
+    VAE      the real classes at 1/8 of the real width: block_out_channels (16, 32, 64, 64), layers_per_block 2,
+             norm_num_groups 8; AutoencoderKL with the FLUX.1 config for Z-Image, AutoencoderKLFlux2 for klein
+
+Both engines run the distilled recipes (Z-Image without CFG, klein step-distilled), in float32 on the CPU, from
+the same initial latents, each in its own child process so that its peak memory is its own. Each child runs a
+one-step warm-up generation, then --reps timed ones; phases are medians over the reps. Both keep every component
+loaded (mlximg with keep_text_encoder), so "encode" times encoding, not loading, on both sides. "step GFLOP/s" is
+the transformer's matmul FLOPs per step (analytic, attention included) over the step time, also as a share of that
+engine's own float32 matmul speed.
+
+    python scripts/bench.py                            # both families, 512 and 1024, the default steps and reps
+    python scripts/bench.py --families zimage --sizes 512 --steps 2 --json /tmp/bench.json
+    python scripts/bench.py --quick                    # tiny models at 64x64, one rep: a smoke test
+    python scripts/bench.py --steps 1 --reps 1 --threads 1   # ~8.5 minutes on a busy 2-core CPU
+
+--threads sets torch's and OpenBLAS's thread count alike: on a shared machine, torch with more OpenMP threads than
+free cores stalls at every parallel region (65x slower on the quick models here), which says nothing about diffusers.
 """
 
 import argparse
+import hashlib
 import json
+import math
+import os
 import statistics
 import subprocess
 import sys
@@ -18,6 +38,40 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from random_models import BUILDERS, GUIDANCE
+
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+PHASES = ("encode", "denoise", "decode")
+MATMUL = 2048  # side of the square float32 matmul that gives each engine's reference speed
+ENCODER = dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4, head_dim=64)
+MID_VAE = dict(block_out_channels=(16, 32, 64, 64), norm_num_groups=8)
+MID = {
+    "zimage": dict(transformer=dict(dim=768, n_layers=10, n_refiner_layers=2, n_heads=6, n_kv_heads=6),
+                   text_encoder=dict(ENCODER, num_hidden_layers=8), vae=MID_VAE),
+    "klein": dict(transformer=dict(num_layers=2, num_single_layers=8, num_attention_heads=6),
+                  text_encoder=dict(ENCODER, num_hidden_layers=28), vae=MID_VAE),
+}
+TINY_ENCODER = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+TINY_VAE = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8)
+QUICK = {
+    "zimage": dict(transformer=dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                                    axes_dims=[8, 12, 12]),
+                   text_encoder=dict(TINY_ENCODER, num_hidden_layers=2), vae=TINY_VAE),
+    "klein": dict(transformer=dict(num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=2,
+                                   timestep_guidance_channels=64, axes_dims_rope=[8, 8, 8, 8]),
+                  text_encoder=dict(TINY_ENCODER, num_hidden_layers=28), vae=TINY_VAE),
+}
+TITLES = {"zimage": "Z-Image", "klein": "FLUX.2 klein"}
+
+
+def model_folder(cache: Path, family: str, config: dict) -> Path:
+    """The cached random model for `config`, built if missing; the name hashes the config so an edit rebuilds."""
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    folder = cache / f"{family}-{digest}"
+    if not (folder / "model_index.json").exists():
+        BUILDERS[family](folder, **config)
+    return folder
 
 
 def peak_rss_reset() -> int:
@@ -39,185 +93,221 @@ def _status_bytes(field: str) -> int:
     return 0
 
 
-def make_weights(args) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    d, scale = args.dim, args.dim**-0.5
-    weights = {}
-    for i in range(args.depth):
-        weights[f"{i}.norm1"] = 1 + 0.1 * rng.standard_normal(d, dtype=np.float32)
-        weights[f"{i}.qkv"] = scale * rng.standard_normal((3 * d, d), dtype=np.float32)
-        weights[f"{i}.out"] = scale * rng.standard_normal((d, d), dtype=np.float32)
-        weights[f"{i}.norm2"] = 1 + 0.1 * rng.standard_normal(d, dtype=np.float32)
-        weights[f"{i}.up"] = scale * rng.standard_normal((4 * d, d), dtype=np.float32)
-        weights[f"{i}.down"] = (0.5 * scale) * rng.standard_normal((d, 4 * d), dtype=np.float32)
-    return weights
+def read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
 
 
-def positions(tokens: int) -> np.ndarray:
-    side = int(tokens**0.5)
-    grid = np.stack(np.meshgrid(np.arange(tokens // side), np.arange(side), indexing="ij"), -1).reshape(-1, 2)
-    return np.concatenate([np.zeros((len(grid), 1)), grid], axis=1)
+def initial_latents(family: str, folder: Path, size: int) -> np.ndarray:
+    """The same noise for both engines: Z-Image latents are (1, 16, H/8, W/8), klein's 2x2-patchified
+    (1, 128, H/16, W/16); the channels are the transformer's input channels."""
+    channels = read_config(folder / "transformer")["in_channels"]
+    side = size // (8 if family == "zimage" else 16)
+    return np.random.default_rng(0).standard_normal((1, channels, side, side)).astype(np.float32)
 
 
-def rope_axes(args) -> tuple[int, int, int]:
-    head_dim = args.dim // args.heads
-    return (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
-def run_mlximg(args, phases: dict) -> np.ndarray:
+def measure(generate, steps: int, reps: int, matmul) -> dict:
+    """`generate(steps)` -> {phase: seconds}; `matmul()` runs one evaluated MATMUL x MATMUL product."""
+    generate(1)  # warm-up: loads every component and pays first-call costs
+    peak_rss_reset()
+    runs = [generate(steps) for _ in range(reps)]
+    peak = _status_bytes("VmHWM")
+    matmul()
+    return {"runs": runs, "peak_rss": peak, "matmul_seconds": [seconds(matmul) for _ in range(5)]}
+
+
+def run_mlximg(family: str, folder: Path, size: int, steps: int, reps: int) -> dict:
     import mlximg  # noqa: F401  (preloads OpenBLAS before mlx)
     import mlx.core as mx
 
-    from mlximg.nn import RMSNorm, apply_rope, attention, rope_tables, split_heads
+    from mlximg.pipelines.flux2 import Flux2Pipeline
+    from mlximg.pipelines.zimage import ZImagePipeline
 
-    def timed(name, fn):
-        mx.reset_peak_memory()
-        active, rss = mx.get_active_memory(), peak_rss_reset()
+    pipeline = {"zimage": ZImagePipeline, "klein": Flux2Pipeline}[family](folder, keep_text_encoder=True)
+    latents = initial_latents(family, folder, size)
+
+    def generate(n):
+        pipeline.generate(PROMPT, width=size, height=size, steps=n, guidance=GUIDANCE[family], latents=latents)
+        return {phase: pipeline.phases.get(phase).seconds for phase in PHASES}
+
+    a = mx.random.normal((MATMUL, MATMUL))
+    return measure(generate, steps, reps, lambda: mx.eval(a @ a))
+
+
+def add_timer(owner, name: str, phase: str, totals: dict) -> None:
+    """Wrap the method `owner.name` so that its wall time adds to totals[phase] (torch on the CPU is synchronous)."""
+    call = getattr(owner, name)
+
+    def timed(*args, **kwargs):
         start = time.perf_counter()
-        out = fn()
-        mx.eval(out)
-        phases.setdefault(name, []).append({"seconds": time.perf_counter() - start,
-                                            "peak": mx.get_peak_memory() - active,
-                                            "rss_peak": _status_bytes("VmHWM") - rss})
+        out = call(*args, **kwargs)
+        totals[phase] += time.perf_counter() - start
         return out
 
-    w = timed("setup", lambda: {k: mx.array(v) for k, v in make_weights(args).items()})
-    cos, sin = rope_tables(positions(args.tokens), rope_axes(args), 256.0)
-    norm = RMSNorm(args.dim, eps=1e-6)
-
-    def forward(x):
-        for i in range(args.depth):
-            norm.weight = w[f"{i}.norm1"]
-            q, k, v = mx.split(norm(x) @ w[f"{i}.qkv"].T, 3, axis=-1)
-            q, k, v = (split_heads(t, args.heads) for t in (q, k, v))
-            x = x + attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v) @ w[f"{i}.out"].T
-            norm.weight = w[f"{i}.norm2"]
-            x = x + nn_gelu(norm(x) @ w[f"{i}.up"].T) @ w[f"{i}.down"].T
-        return x
-
-    def nn_gelu(x):
-        return 0.5 * x * (1 + mx.tanh(0.7978845608 * (x + 0.044715 * x**3)))
-
-    x = mx.array(np.random.default_rng(1).standard_normal((1, args.tokens, args.dim), dtype=np.float32))
-    for _ in range(args.reps + 1):  # the first is a warm-up
-        out = timed("step", lambda: forward(x))
-    phases["step"].pop(0)
-    a = mx.random.normal((2048, 2048))
-    for _ in range(args.reps):
-        timed("matmul 2048", lambda: a @ a)
-    return np.array(out)
+    setattr(owner, name, timed)
 
 
-def run_torch(args, phases: dict) -> np.ndarray:
+def run_diffusers(family: str, folder: Path, size: int, steps: int, reps: int) -> dict:
     import torch
-    import torch.nn.functional as F
+    from diffusers import Flux2KleinPipeline, ZImagePipeline
 
-    torch.set_grad_enabled(False)
+    pipe = {"zimage": ZImagePipeline, "klein": Flux2KleinPipeline}[family].from_pretrained(
+        folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    latents = initial_latents(family, folder, size)
+    totals = dict.fromkeys(PHASES, 0.0)
+    # The same work as mlximg's phases: a denoising step is the transformer forward plus the scheduler update.
+    for owner, name, phase in ((pipe, "encode_prompt", "encode"), (pipe.transformer, "forward", "denoise"),
+                               (pipe.scheduler, "step", "denoise"), (pipe.vae, "decode", "decode")):
+        add_timer(owner, name, phase, totals)
 
-    def timed(name, fn):
-        rss = peak_rss_reset()
-        start = time.perf_counter()
-        out = fn()
-        phases.setdefault(name, []).append({"seconds": time.perf_counter() - start, "peak": None,
-                                            "rss_peak": _status_bytes("VmHWM") - rss})
-        return out
+    def generate(n):
+        totals.update(dict.fromkeys(PHASES, 0.0))
+        pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=n, guidance_scale=GUIDANCE[family],
+             latents=torch.from_numpy(latents.copy()))
+        return dict(totals)
 
-    w = timed("setup", lambda: {k: torch.from_numpy(v) for k, v in make_weights(args).items()})
-    angles = []
-    for axis, dim in enumerate(rope_axes(args)):
-        inv_freq = 1.0 / 256.0 ** (np.arange(0, dim, 2) / dim)
-        angles.append(np.outer(positions(args.tokens)[:, axis], inv_freq))
-    angles = np.concatenate(angles, axis=1)
-    cos, sin = torch.from_numpy(np.cos(angles).astype(np.float32)), torch.from_numpy(np.sin(angles).astype(np.float32))
-
-    def rope(t):
-        real, imag = t.reshape(*t.shape[:-1], -1, 2).unbind(-1)
-        return torch.stack([real * cos - imag * sin, real * sin + imag * cos], -1).flatten(3)
-
-    def forward(x):
-        for i in range(args.depth):
-            h = F.rms_norm(x, (args.dim,), w[f"{i}.norm1"], eps=1e-6)
-            q, k, v = (t.unflatten(-1, (args.heads, -1)).transpose(1, 2) for t in (h @ w[f"{i}.qkv"].T).chunk(3, -1))
-            o = F.scaled_dot_product_attention(rope(q), rope(k), v).transpose(1, 2).flatten(2)
-            x = x + o @ w[f"{i}.out"].T
-            h = F.rms_norm(x, (args.dim,), w[f"{i}.norm2"], eps=1e-6)
-            x = x + F.gelu(h @ w[f"{i}.up"].T, approximate="tanh") @ w[f"{i}.down"].T
-        return x
-
-    x = torch.from_numpy(np.random.default_rng(1).standard_normal((1, args.tokens, args.dim), dtype=np.float32))
-    for _ in range(args.reps + 1):
-        out = timed("step", lambda: forward(x))
-    phases["step"].pop(0)
-    a = torch.randn(2048, 2048)
-    for _ in range(args.reps):
-        timed("matmul 2048", lambda: a @ a)
-    return out.numpy()
+    a = torch.randn(MATMUL, MATMUL)
+    return measure(generate, steps, reps, lambda: a @ a)
 
 
-ENGINES = {"mlximg": run_mlximg, "torch": run_torch}
+ENGINES = {"mlximg": run_mlximg, "diffusers": run_diffusers}
+
+
+def zimage_step_flops(config: dict, image_tokens: int, caption_tokens: int) -> int:
+    """Matmul FLOPs (2 M N K) of one ZImageTransformer2DModel forward; both token sequences are padded to
+    multiples of 32, refiners see each alone, the main layers and the final projection their concatenation."""
+    image, caption = (-(-n // 32) * 32 for n in (image_tokens, caption_tokens))
+    dim, kv = config["dim"], config["n_kv_heads"] * config["dim"] // config["n_heads"]
+    patch = 4 * config["in_channels"]  # 2x2 patches
+
+    def block(n):  # QKV, QK^T and PV, output projection, SwiGLU MLP
+        return 2 * n * dim * (dim + 2 * kv) + 4 * n * n * dim + 2 * n * dim * dim + 6 * n * dim * int(dim / 3 * 8)
+
+    return (2 * image * patch * dim + 2 * caption * config["cap_feat_dim"] * dim
+            + config["n_refiner_layers"] * (block(image) + block(caption))
+            + config["n_layers"] * block(image + caption) + 2 * (image + caption) * dim * patch)
+
+
+def klein_step_flops(config: dict, image_tokens: int, text_tokens: int = 512) -> int:
+    """Matmul FLOPs (2 M N K) of one Flux2Transformer2DModel forward over [text, image] (klein pads text to 512);
+    per-sample work (timestep embedding, modulation) is negligible and left out."""
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    mlp, n = int(dim * config["mlp_ratio"]), image_tokens + text_tokens
+    attention = 4 * n * n * dim  # QK^T and PV
+    double = 2 * n * dim * 3 * dim + attention + 2 * n * dim * dim + 2 * n * dim * 2 * mlp + 2 * n * mlp * dim
+    single = 2 * n * dim * (3 * dim + 2 * mlp) + attention + 2 * n * (dim + mlp) * dim
+    return (2 * image_tokens * config["in_channels"] * dim + 2 * text_tokens * config["joint_attention_dim"] * dim
+            + config["num_layers"] * double + config["num_single_layers"] * single
+            + 2 * image_tokens * dim * config["in_channels"])
+
+
+def step_flops(family: str, folder: Path, size: int) -> int:
+    config = read_config(folder / "transformer")
+    if family == "klein":
+        return klein_step_flops(config, (size // 16) ** 2)
+    from transformers import AutoTokenizer
+
+    # Z-Image's caption is the chat-templated prompt's tokens, as diffusers' ZImagePipeline builds it.
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=True)
+    return zimage_step_flops(config, (size // 16) ** 2, len(tokenizer(text).input_ids))
+
+
+def parameter_count(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, "np") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return total
+
+
+def run_child(engine: str, family: str, folder: Path, size: int, steps: int, reps: int, threads: int) -> dict:
+    # The same thread count for torch (OpenMP) and for the BLAS under MLX, set before either starts.
+    env = {**os.environ, **dict.fromkeys(("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"),
+                                         str(threads))}
+    proc = subprocess.run([sys.executable, __file__, f"--child={engine}", f"--families={family}",
+                           f"--folder={folder}", f"--sizes={size}", f"--steps={steps}", f"--reps={reps}"],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.exit(f"{engine} {family} {size}: failed\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def summarize(raw: dict, steps: int, flops: int) -> dict:
+    """Medians over the reps; GFLOP/s from the median times."""
+    median = {phase: statistics.median(run[phase] for run in raw["runs"]) for phase in PHASES}
+    step = median["denoise"] / steps
+    matmul = 2 * MATMUL**3 / statistics.median(raw["matmul_seconds"]) / 1e9
+    return {"encode": median["encode"], "step": step, "decode": median["decode"],
+            "peak_mib": raw["peak_rss"] / 2**20, "step_gflops": flops / step / 1e9, "matmul_gflops": matmul,
+            "peak_share": flops / step / 1e9 / matmul}
+
+
+ROWS = [("encode s", "encode", "{:.3f}"), ("denoise s/step", "step", "{:.3f}"), ("decode s", "decode", "{:.3f}"),
+        ("peak RSS MiB", "peak_mib", "{:,.0f}"), ("step GFLOP/s", "step_gflops", "{:.1f}"),
+        (f"matmul {MATMUL} GFLOP/s", "matmul_gflops", "{:.1f}"), ("step % of matmul", "peak_share", "{:.0%}")]
+
+
+def table(title: str, results: dict) -> str:
+    engines = list(results)
+    lines = [title, f"{'':<20}" + "".join(f"{e:>12}" for e in engines) + f"{'mlximg/diffusers':>18}"]
+    for label, key, fmt in ROWS:
+        values = [results[e][key] for e in engines]
+        lines.append(f"{label:<20}" + "".join(f"{fmt.format(v):>12}" for v in values)
+                     + f"{values[0] / values[1]:>18.2f}")
+    return "\n".join(lines)
 
 
 def child(args) -> None:
-    phases: dict = {}
-    out = ENGINES[args.engine](args, phases)
-    np.save(args.output, out)
-    print(json.dumps(phases))
-
-
-def summarize(samples: list[dict]) -> dict:
-    peaks = [s["peak"] for s in samples if s["peak"] is not None]
-    return {"seconds": statistics.median(s["seconds"] for s in samples),
-            "peak": max(peaks) if peaks else None, "rss_peak": max(s["rss_peak"] for s in samples)}
-
-
-def mib(n) -> str:
-    return "-" if n is None else f"{n / 2**20:,.1f}"
+    family, size = args.families, int(args.sizes)
+    print(json.dumps(ENGINES[args.child](family, Path(args.folder), size, args.steps, args.reps)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=1024, help="image tokens (1024 = 512x512 at 16 px/token)")
+    parser.add_argument("--families", default="zimage,klein")
+    parser.add_argument("--sizes", default="512,1024", help="square image sides, comma separated")
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--engines", default="mlximg,torch")
-    parser.add_argument("--engine", help=argparse.SUPPRESS)
-    parser.add_argument("--output", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="CPU threads for each engine (default: all cores; fewer when the machine is shared)")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/mlximg-bench"), help="where the models are built")
+    parser.add_argument("--json", type=Path, help="write the raw and summarized numbers here")
+    parser.add_argument("--quick", action="store_true", help="tiny models, 64x64, 2 steps, 1 rep: a smoke test")
+    parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.engine:
+    if args.child:
         return child(args)
+    if args.quick:
+        args.sizes, args.steps, args.reps = "64", 2, 1
 
-    results, outputs = {}, {}
-    passthrough = [f"--{k}={getattr(args, k)}" for k in ("dim", "heads", "depth", "tokens", "reps")]
-    for engine in args.engines.split(","):
-        output = Path(f"/tmp/mlximg-bench-{engine}.npy")
-        proc = subprocess.run([sys.executable, __file__, f"--engine={engine}", f"--output={output}", *passthrough],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"{engine}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results[engine] = {name: summarize(s) for name, s in json.loads(proc.stdout.splitlines()[-1]).items()}
-        outputs[engine] = np.load(output)
-
-    print(f"config: dim={args.dim} heads={args.heads} depth={args.depth} tokens={args.tokens} reps={args.reps}, float32")
-    engines = list(results)
-    header = f"{'phase':<13}" + "".join(f"{e + ' s':>12}{e + ' MiB':>13}" for e in engines)
-    if len(engines) == 2:
-        header += f"{'time ratio':>12}"
-    print(header)
-    for phase in results[engines[0]]:
-        row = f"{phase:<13}"
-        for e in engines:
-            r = results[e][phase]
-            row += f"{r['seconds']:>12.4f}{mib(r['peak'] if r['peak'] is not None else r['rss_peak']):>13}"
-        if len(engines) == 2:
-            row += f"{results[engines[0]][phase]['seconds'] / results[engines[1]][phase]['seconds']:>12.2f}"
-        print(row)
-    print("MiB: growth during the phase: of MLX's peak active memory for mlximg, of peak RSS for torch.")
-    if len(outputs) == 2:
-        a, b = outputs.values()
-        print(f"output agreement: max |diff| / max |ref| = {np.abs(a - b).max() / np.abs(b).max():.2e}")
+    report = {}
+    for family in args.families.split(","):
+        folder = model_folder(args.cache, family, (QUICK if args.quick else MID)[family])
+        params = {c: parameter_count(folder / c) for c in ("transformer", "text_encoder", "vae")}
+        print(f"{TITLES[family]} ({folder}): " + ", ".join(f"{c} {n / 1e6:.1f}M" for c, n in params.items())
+              + " parameters")
+        for size in map(int, args.sizes.split(",")):
+            flops = step_flops(family, folder, size)
+            raw = {engine: run_child(engine, family, folder, size, args.steps, args.reps, args.threads)
+                   for engine in ENGINES}
+            results = {engine: summarize(r, args.steps, flops) for engine, r in raw.items()}
+            report[f"{family} {size}"] = {"params": params, "step_flops": flops, "raw": raw, "summary": results}
+            print(table(f"\n{TITLES[family]} {size}x{size}, {args.steps} steps, median of {args.reps}, float32, "
+                        f"{args.threads} threads, {flops / 1e9:.1f} GFLOP/step", results) + "\n")
+    print("ratio < 1: mlximg takes less time or memory; for the GFLOP/s rows, > 1: mlximg does more per second.")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,32 @@
+"""scripts/bench.py --quick: both engines run on tiny models of both families and the ratio table comes out."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from oracle import require_oracle
+
+BENCH = Path(__file__).parents[1] / "scripts" / "bench.py"
+
+
+def test_quick_bench_prints_both_engines_and_ratios(tmp_path):
+    require_oracle()
+    report = tmp_path / "bench.json"
+    # One thread: a smoke test should not stall on a busy, shared runner.
+    result = subprocess.run([sys.executable, str(BENCH), "--quick", "--threads=1", f"--json={report}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.count("mlximg/diffusers") == 2, out  # one table per family
+    header = next(line for line in out.splitlines() if "mlximg/diffusers" in line)
+    assert header.split() == ["mlximg", "diffusers", "mlximg/diffusers"]
+    step = re.search(r"denoise s/step\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out)
+    assert step and float(step[1]) > 0 and float(step[2]) > 0 and float(step[3]) > 0, out
+    numbers = json.loads(report.read_text())
+    assert set(numbers) == {"zimage 64", "klein 64"}
+    for entry in numbers.values():
+        assert set(entry["summary"]) == {"mlximg", "diffusers"}
+        assert entry["step_flops"] > 0
+        assert all(engine["peak_mib"] > 0 for engine in entry["summary"].values())
