@@ -1,6 +1,7 @@
 """The CPU float32 fast paths (mlximg/nn/cpu_math.py) against float64 numpy and torch's kernels."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -59,3 +60,31 @@ def test_other_dtypes_keep_mlx_kernels():
     x = mx.array(np.linspace(-5, 5, 64, dtype=np.float32)).astype(mx.bfloat16)
     assert not cpu_math.fast_math_applies(x)
     assert mx.array_equal(silu(x), mx.sigmoid(x) * x) or mx.allclose(silu(x), x * mx.sigmoid(x))
+
+
+def test_gradients_match_mlx_kernels():
+    """scripts/train_tiny.py trains through these ops."""
+    x = mx.array(np.linspace(-20, 20, 1001, dtype=np.float32))
+    expected = np.exp(np.array(x, dtype=np.float64))
+    gradient = np.array(mx.grad(lambda x: cpu_math.exp(x).sum())(x))
+    assert np.max(np.abs(gradient - expected) / expected) < 1e-6
+    q = mx.array(np.random.default_rng(5).standard_normal((1, 2, 16, 8)).astype(np.float32))
+    ours = mx.grad(lambda q: attention(q, q, q).sum())(q)
+    reference = mx.grad(lambda q: mx.fast.scaled_dot_product_attention(q, q, q, scale=8**-0.5).sum())(q)
+    assert_close(ours, reference, 1e-5, "attention gradient")
+    gate = mx.array(np.linspace(-10, 10, 64, dtype=np.float32))[None, :, None]
+    ours = mx.grad(lambda g: silu_mul(g, g).sum())(gate)
+    reference = mx.grad(lambda g: (nn.silu(g) * g).sum())(gate)
+    assert_close(ours, reference, 1e-5, "silu_mul gradient")
+
+
+def test_large_inputs_split_over_streams_give_identical_values(monkeypatch):
+    """Above the size threshold the work is sliced over CPU streams; slicing must not change a single value."""
+    rng = np.random.default_rng(6)
+    q, k, v = (mx.array(rng.standard_normal((1, 2, 300, 16)).astype(np.float32)) for _ in range(3))
+    gate, value = (mx.array(rng.standard_normal((1, 300, 512)).astype(np.float32)) for _ in range(2))
+    split = [cpu_math.attention(q, k, v, 0.25), silu_mul(gate, value), silu(gate[..., None])]
+    monkeypatch.setattr(cpu_math, "_PARALLEL_MIN_VALUES", 1 << 40)
+    whole = [cpu_math.attention(q, k, v, 0.25), silu_mul(gate, value), silu(gate[..., None])]
+    for a, b in zip(split, whole):
+        assert mx.array_equal(a, b)
