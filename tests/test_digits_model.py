@@ -1,0 +1,105 @@
+"""The embedded default model (models/z-image-digits, trained by scripts/train_tiny.py): it loads through the
+normal path, generates the digit it is asked for, matches diffusers' ZImagePipeline on the same checkpoint, and
+its training script is deterministic."""
+
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlximg
+from mlximg import cli
+from mlximg.manifests import resolve
+from oracle import require_oracle
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import digits  # noqa: E402
+
+MODEL = "z-image-digits"
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return mlximg.load(MODEL)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    classifier, held_out = digits.train_classifier()
+    assert held_out > 0.97, held_out  # scores generated digits only if it reads real ones
+    return classifier
+
+
+def test_manifest_points_at_the_shipped_folder():
+    manifest = resolve(MODEL)
+    assert manifest.path == ROOT / "models" / MODEL and (manifest.path / "model_index.json").is_file()
+    sizes = sum(f.stat().st_size for f in manifest.path.rglob("*") if f.is_file())
+    assert sizes < 8 * 2**20, f"{sizes / 2**20:.1f} MiB: the embedded model should stay a few MB"
+
+
+def test_generates_the_prompted_digit(pipeline, classifier):
+    """Two seeds of every digit, with the manifest's defaults, read back by the independent classifier."""
+    images, labels = [], []
+    for label, word in enumerate(digits.WORDS):
+        for seed in (100, 101):
+            image = pipeline.generate(f"a handwritten {word}", seed=seed)
+            assert image.size == (32, 32)
+            images.append(image)
+            labels.append(label)
+    predicted = classifier.predict(digits.images_to_features(images))
+    accuracy = float(np.mean(predicted == np.array(labels)))
+    assert accuracy >= 0.8, f"accuracy {accuracy:.2f}: predicted {predicted.tolist()}"
+
+
+def test_numerals_and_phrasings_mean_the_same_digit(pipeline, classifier):
+    prompts = ["7", "the digit seven", "a handwritten 7", "Seven, written by hand."]
+    predicted = classifier.predict(digits.images_to_features([pipeline.generate(p, seed=3) for p in prompts]))
+    assert (predicted == 7).sum() >= 3, predicted.tolist()
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_matches_diffusers_pipeline(guidance):
+    """diffusers' ZImagePipeline loads the same folder (the real layout and key names) and gives the same image."""
+    torch = require_oracle()
+    import diffusers
+
+    folder = resolve(MODEL).path
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    reference = diffusers.ZImagePipeline.from_pretrained(folder, dtype=torch.float32)  # the weights are bf16
+    expected = reference("a handwritten three", height=32, width=32, num_inference_steps=10,
+                         guidance_scale=guidance, latents=torch.from_numpy(latents), output_type="np").images[0]
+    ours = mlximg.load(MODEL).generate("a handwritten three", steps=10, guidance=guidance, latents=latents,
+                                       negative_prompt="" if guidance else None)
+    difference = np.abs(np.asarray(ours, dtype=np.float64) - (expected * 255).round())
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01, (difference.max(), (difference > 0).mean())
+
+
+def test_readme_command_writes_a_png(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["generate", "a handwritten seven", "--model", MODEL, "-o", "seven.png"]) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "seven.png") as image:
+        assert image.size == (32, 32) and image.text["prompt"] == "a handwritten seven"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*.safetensors"))}
+
+
+def test_training_is_deterministic_and_loads(tmp_path):
+    """A few steps twice with one seed: byte-identical weights, in a folder the normal loader generates from."""
+    import train_tiny
+
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        train_tiny.main(["--out", str(out), "--vae-steps", "2", "--vae-batch", "4", "--steps", "2", "--batch", "4"])
+        runs.append(_digests(out))
+    assert runs[0] == runs[1] and len(runs[0]) == 3
+    image = mlximg.load(str(tmp_path / "a")).generate("a handwritten one", steps=2, width=32, height=32, seed=0)
+    assert image.size == (32, 32)
