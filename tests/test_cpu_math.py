@@ -79,12 +79,23 @@ def test_gradients_match_mlx_kernels():
 
 
 def test_large_inputs_split_over_streams_give_identical_values(monkeypatch):
-    """Above the size threshold the work is sliced over CPU streams; slicing must not change a single value."""
+    """Attention in query blocks (BLAS may sum a smaller matmul in another order: float32 rounding only) and
+    large elementwise work sliced over CPU streams (not a single value changes)."""
     rng = np.random.default_rng(6)
     q, k, v = (mx.array(rng.standard_normal((1, 2, 300, 16)).astype(np.float32)) for _ in range(3))
+    causal = mx.array(np.tril(np.ones((300, 300), dtype=bool)))[None, None]  # a per-query mask is sliced too
     gate, value = (mx.array(rng.standard_normal((1, 300, 512)).astype(np.float32)) for _ in range(2))
-    split = [cpu_math.attention(q, k, v, 0.25), silu_mul(gate, value), silu(gate[..., None])]
+
+    def run():
+        return [cpu_math.attention(q, k, v, 0.25), cpu_math.attention(q, k, v, 0.25, causal),
+                silu_mul(gate, value), silu(gate[..., None])]
+
+    monkeypatch.setattr(cpu_math, "_QUERY_BLOCK", 64)
+    split = run()
+    monkeypatch.setattr(cpu_math, "_QUERY_BLOCK", 1 << 30)
     monkeypatch.setattr(cpu_math, "_PARALLEL_MIN_VALUES", 1 << 40)
-    whole = [cpu_math.attention(q, k, v, 0.25), silu_mul(gate, value), silu(gate[..., None])]
-    for a, b in zip(split, whole):
+    whole = run()
+    for a, b in zip(split[:2], whole[:2]):
+        assert_close(a, b, 1e-6, "attention in query blocks")
+    for a, b in zip(split[2:], whole[2:]):
         assert mx.array_equal(a, b)
