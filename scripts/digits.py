@@ -32,6 +32,12 @@ def ink_to_pixels(ink: np.ndarray) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=-1)
 
 
+def rendered_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The real digits as the model is trained to draw them: (N, 32, 32) uint8 grey images, and their labels."""
+    ink, labels = load_digits_8x8()
+    return ((ink_to_pixels(upscale(ink))[..., 0] + 1) * 127.5).round().astype(np.uint8), labels
+
+
 def images_to_features(images) -> np.ndarray:
     """PIL images (or (N, H, W[, 3]) uint8 arrays) -> the classifier's input: 8x8 ink in sklearn's 0..16 scale."""
     arrays = [np.asarray(image.convert("L") if isinstance(image, Image.Image) else image, dtype=np.float32)
@@ -60,8 +66,7 @@ def train_classifier(seed: int = CLASSIFIER_SEED):
     from sklearn.model_selection import train_test_split
     from sklearn.svm import SVC
 
-    ink, labels = load_digits_8x8()
-    rendered = ((ink_to_pixels(upscale(ink))[..., 0] + 1) * 127.5).round().astype(np.uint8)
+    rendered, labels = rendered_digits()
     features = images_to_features(rendered)
     x_train, x_test, y_train, y_test = train_test_split(features, labels, test_size=0.5, stratify=labels,
                                                         random_state=seed)

@@ -37,8 +37,7 @@ def settings(steps: int) -> list[tuple[str, dict, dict]]:
 
 def real_diversity(per_digit: int) -> float:
     """The diversity figure of real digits (the first `per_digit` of each class), the 1.0 of the table."""
-    ink, labels = digits.load_digits_8x8()
-    rendered = ((digits.ink_to_pixels(digits.upscale(ink))[..., 0] + 1) * 127.5).round().astype(np.uint8)
+    rendered, labels = digits.rendered_digits()
     features = digits.images_to_features(rendered)
     return float(np.mean([digits.diversity(features[labels == k][:per_digit]) for k in range(10)]))
 

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 from mlx_lm.models import qwen3  # noqa: E402
 from mlximg.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
-from mlximg.models.qwen3_encoder import ZIMAGE_HIDDEN_LAYERS, Qwen3Encoder, TextEncoder, qwen3_args  # noqa: E402
+from mlximg.models.qwen3_encoder import Qwen3Encoder, TextEncoder, qwen3_args  # noqa: E402
 from mlximg.models.zimage import ZImageConfig, ZImageTransformer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -184,14 +184,6 @@ def new_transformer() -> ZImageTransformer:
     return transformer
 
 
-def encode_batch(encoder: TextEncoder, prompts: list[str]) -> list[mx.array]:
-    """TextEncoder.encode_zimage without the final mx.eval, so gradients reach the encoder."""
-    input_ids, mask = encoder.tokenize(prompts, enable_thinking=True, max_length=64)
-    length = int(np.flatnonzero(mask.any(axis=0)).max()) + 1
-    (states,) = encoder.model.hidden_states(input_ids[:, :length], mask[:, :length], ZIMAGE_HIDDEN_LAYERS)
-    return [states[i, : int(row.sum())] for i, row in enumerate(mask[:, :length])]
-
-
 def train_denoiser(tokenizer, latents: tuple[np.ndarray, np.ndarray], labels: np.ndarray, scaling: dict,
                    steps: int, batch: int, rng: np.random.Generator) -> Denoiser:
     means, stds = latents
@@ -202,7 +194,7 @@ def train_denoiser(tokenizer, latents: tuple[np.ndarray, np.ndarray], labels: np
     ema = EMA(model, decay=0.999)
 
     def loss_fn(model, prompts, x0, noise, sigma):
-        cap_feats = encode_batch(encoder, prompts)
+        cap_feats = encoder.zimage_states(prompts, max_length=64)  # prompts are < 20 tokens
         s = sigma[:, None, None, None]
         pred = model.transformer((1 - s) * x0 + s * noise, 1 - sigma, cap_feats)
         return mx.mean(mx.square(pred - (x0 - noise)))

@@ -96,13 +96,17 @@ class TextEncoder:
                                 return_tensors="np")
         return mx.array(tokens["input_ids"].astype(np.int32)), tokens["attention_mask"].astype(bool)
 
-    def encode_zimage(self, prompts: str | list[str], max_length: int = MAX_SEQUENCE_LENGTH) -> list[mx.array]:
-        """ZImagePipeline's prompt embeddings: hidden_states[-2] of the valid tokens, one (L_i, hidden) per prompt."""
+    def zimage_states(self, prompts: str | list[str], max_length: int = MAX_SEQUENCE_LENGTH) -> list[mx.array]:
+        """`encode_zimage` unevaluated (scripts/train_tiny.py differentiates through it)."""
         input_ids, mask = self.tokenize(prompts, enable_thinking=True, max_length=max_length)
         # Causal attention: positions after the last real token never change earlier ones, so don't compute them.
         length = int(np.flatnonzero(mask.any(axis=0)).max()) + 1
         (states,) = self.model.hidden_states(input_ids[:, :length], mask[:, :length], ZIMAGE_HIDDEN_LAYERS)
-        embeds = [states[i][mx.array(np.flatnonzero(row))] for i, row in enumerate(mask[:, :length])]
+        return [states[i][mx.array(np.flatnonzero(row))] for i, row in enumerate(mask[:, :length])]
+
+    def encode_zimage(self, prompts: str | list[str], max_length: int = MAX_SEQUENCE_LENGTH) -> list[mx.array]:
+        """ZImagePipeline's prompt embeddings: hidden_states[-2] of the valid tokens, one (L_i, hidden) per prompt."""
+        embeds = self.zimage_states(prompts, max_length)
         mx.eval(embeds)
         return embeds
 

@@ -93,7 +93,7 @@ def _silu(x: mx.array) -> mx.array:
 
 
 def _silu_mul(gate: mx.array, value: mx.array) -> mx.array:
-    return gate / (1 + exp(-gate)) * value
+    return _silu(gate) * value
 
 
 def silu(x: mx.array) -> mx.array:
