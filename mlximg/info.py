@@ -1,4 +1,4 @@
-"""What `mlximg info` reports: the backend, device, dtype policy, FP8 execution path, BLAS and library versions."""
+"""What `mlximg info` reports: the backend, device, dtype policy, FP8 execution path, BLAS, CPU attention kernel and library versions."""
 
 import platform
 from importlib.metadata import PackageNotFoundError, version
@@ -6,6 +6,7 @@ from importlib.metadata import PackageNotFoundError, version
 import mlx.core as mx
 
 from . import __version__
+from .nn import native
 from .quant.execution import fp8_execution, fp8_execution_source
 from .runtime import backend, blas_status, compute_dtype, dtype_name
 
@@ -36,4 +37,5 @@ def info() -> dict[str, str]:
         "compute dtype": dtype_name(compute_dtype()),
         "fp8 path": _fp8_path(),
         "blas": blas_status() if backend() == "cpu" else f"n/a on {backend()} ({blas_status()} for CPU ops)",
+        "cpu attention": native.status() if backend() == "cpu" else f"n/a on {backend()}",
     }

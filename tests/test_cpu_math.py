@@ -35,8 +35,8 @@ def test_attention_matches_torch_sdpa(mask_kind):
     expected = torch.nn.functional.scaled_dot_product_attention(
         *(torch.from_numpy(a) for a in (q, k, v)), attn_mask=None if mask is None else torch.from_numpy(mask))
     assert cpu_math.fast_math_applies(mx.array(q))
-    ours = attention(mx.array(q), mx.array(k), mx.array(v), None if mask is None else mx.array(mask))
-    assert_close(ours, expected.permute(0, 2, 1, 3).reshape(2, 40, 48), 1e-6, f"attention, mask {mask_kind}")
+    ours = cpu_math.attention(mx.array(q), mx.array(k), mx.array(v), 16**-0.5, None if mask is None else mx.array(mask))
+    assert_close(ours, expected, 1e-6, f"attention, mask {mask_kind}")
 
 
 def test_masked_keys_get_exactly_zero_weight():

@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..loading import load_component
-from ..nn import silu
+from ..nn import attention, silu
 
 _DOWN_BLOCKS = ("DownEncoderBlock2D",)
 _UP_BLOCKS = ("UpDecoderBlock2D",)
@@ -200,8 +200,7 @@ class Attention(nn.Module):
         batch, height, width, channels = x.shape
         h = self.group_norm(x).reshape(batch, 1, height * width, channels)
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-        h = mx.fast.scaled_dot_product_attention(q, k, v, scale=channels**-0.5)
-        return x + self.to_out[0](h).reshape(x.shape)
+        return x + self.to_out[0](attention(q, k, v)).reshape(x.shape)
 
 
 class Downsample2D(nn.Module):
@@ -257,8 +256,8 @@ class UNetMidBlock2D(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.resnets[0](x)
-        for attention in self.attentions:
-            x = attention(x)
+        for self_attention in self.attentions:
+            x = self_attention(x)
         return self.resnets[1](x)
 
 

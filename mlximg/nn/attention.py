@@ -1,9 +1,15 @@
-"""Multi-head attention core: MLX's fused scaled-dot-product kernel, or on the CPU in float32 a softmax with a
-faster exp (cpu_math.py; MLX's CPU sdpa spends most of its time in exp)."""
+"""Multi-head attention core: MLX's fused scaled-dot-product kernel; on the CPU in float32 the compiled kernel of
+native.py, or, where that cannot be built, a softmax with a faster exp (cpu_math.py). MLX's CPU sdpa spends most
+of its time in exp."""
 
 import mlx.core as mx
 
-from . import cpu_math
+from . import cpu_math, native
+
+
+def _merge_heads(out: mx.array) -> mx.array:
+    batch, heads, length, head_dim = out.shape
+    return out.transpose(0, 2, 1, 3).reshape(batch, length, heads * head_dim)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = None) -> mx.array:
@@ -12,12 +18,13 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
     `mask` is boolean (True = attend) or additive, broadcastable to (B, heads, N_q, N_k).
     """
     scale = q.shape[-1] ** -0.5
-    if cpu_math.fast_math_applies(q):
-        out = cpu_math.attention(q, k, v, scale, mask)
-    else:
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    batch, heads, length, head_dim = out.shape
-    return out.transpose(0, 2, 1, 3).reshape(batch, length, heads * head_dim)
+    if not cpu_math.fast_math_applies(q):
+        return _merge_heads(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
+
+    def in_mlx(q, k, v):
+        return _merge_heads(cpu_math.attention(q, k, v, scale, mask))
+
+    return native.attention(q, k, v, scale, mask, in_mlx) if native.supports(q, k, v, mask) else in_mlx(q, k, v)
 
 
 def split_heads(x: mx.array, heads: int) -> mx.array:

@@ -1,0 +1,131 @@
+/* Softmax attention for MLX's CPU backend, float32: the matmuls go to the BLAS MLX uses (cblas_sgemm, passed in
+ * by the caller), the softmax between them is one vectorised pass per row here. MLX's CPU exp is scalar and its
+ * graph writes the N x N scores several times; this keeps a block of scores in cache and touches it twice.
+ * Built at run time by mlximg/nn/native.py; see there for when it is used. */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef void (*sgemm_fn)(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
+                         int lda, const float *b, int ldb, float beta, float *c, int ldc);
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+enum { QUERY_BLOCK = 256 };  /* rows of scores per block: 256 x 4128 keys = 4 MB, cache-sized */
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+typedef float floats __attribute__((vector_size(32)));   /* 8 lanes: one AVX register, two SSE ones */
+typedef int32_t ints __attribute__((vector_size(32)));
+enum { LANES = 8 };
+
+static inline floats splat(float x) { return floats{} + x; }
+
+/* e^x for x <= 0 as a degree-7 polynomial of the Cody-Waite reduced argument times 2^n set in the exponent bits
+ * (1e-7 relative error); x below -87 gives ~1e-38 instead of less. */
+static inline floats exp_nonpositive(floats x) {
+    x = x < splat(-87.0f) ? splat(-87.0f) : x;
+    floats n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round(x / ln 2): 1.5 * 2^23 drops the fraction */
+    floats r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    floats p = splat(1.98412698e-4f);
+    p = p * r + 1.38888889e-3f;
+    p = p * r + 8.33333333e-3f;
+    p = p * r + 4.16666667e-2f;
+    p = p * r + 1.66666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    ints bits = (__builtin_convertvector(n, ints) + 127) << 23;
+    return p * (floats)bits;
+}
+
+static inline floats load(const float *p) {
+    floats x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline void store(float *p, floats x) { memcpy(p, &x, sizeof x); }
+
+static inline float lanes_max(floats x) {
+    float m = x[0];
+    for (int i = 1; i < LANES; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+static inline float lanes_sum(floats x) {
+    float s = 0.0f;
+    for (int i = 0; i < LANES; i++) s += x[i];
+    return s;
+}
+
+/* Row i of `scores` (rows x n, leading dimension n) becomes exp(row - max(row)) and inv_sums[i] 1 / its sum;
+ * keys with valid[j] == 0 get weight exactly 0 (valid: n floats of 0 / 1, or NULL). Rows are padded to LANES by
+ * the caller's leading dimension `ld`. */
+VECTOR_CLONES
+static void softmax_rows(float *scores, int rows, int n, int ld, const float *valid, float *inv_sums) {
+    const floats lowest = splat(-3.0e38f);
+    for (int i = 0; i < rows; i++) {
+        float *row = scores + (size_t)i * ld;
+        for (int j = n; j < ld; j++) row[j] = -3.0e38f;  /* padding lanes: weight 0 below */
+        floats vmax = lowest;
+        for (int j = 0; j < ld; j += LANES) {
+            floats x = load(row + j);
+            if (valid) x = load(valid + j) != 0.0f ? x : lowest;
+            vmax = x > vmax ? x : vmax;
+        }
+        floats row_max = splat(lanes_max(vmax)), vsum = floats{};
+        for (int j = 0; j < ld; j += LANES) {
+            floats e = exp_nonpositive(load(row + j) - row_max);
+            if (valid) e *= load(valid + j);
+            store(row + j, e);
+            vsum += e;
+        }
+        inv_sums[i] = 1.0f / lanes_sum(vsum);
+    }
+}
+
+/* out = softmax(q k^T scale + mask) v for every batch b and head h. q: (nq, d) rows at q + b*q_strides[0] +
+ * h*q_strides[1], row stride q_strides[2] (elements; unit column stride), likewise k and v (nk rows) and out (nq
+ * rows). key_valid: (batch, nk rounded up to 8) of 0 / 1 with row stride key_valid_stride (0: one row for all),
+ * or NULL. Returns 0, or -1 when memory runs out. */
+extern "C" int attention_f32(sgemm_fn sgemm, const float *q, const float *k, const float *v, float *out, int batch,
+                             int heads, int nq, int nk, int d, const int64_t *q_strides, const int64_t *k_strides,
+                             const int64_t *v_strides, const int64_t *out_strides, const float *key_valid,
+                             int64_t key_valid_stride, float scale) {
+    int block = nq < QUERY_BLOCK ? nq : QUERY_BLOCK;
+    int ld = (nk + LANES - 1) / LANES * LANES;
+    float *scores = (float *)malloc(sizeof(float) * (size_t)block * ld);
+    float *inv_sums = (float *)malloc(sizeof(float) * (size_t)block);
+    if (!scores || !inv_sums) {
+        free(scores);
+        free(inv_sums);
+        return -1;
+    }
+    for (int b = 0; b < batch; b++) {
+        const float *valid = key_valid ? key_valid + b * key_valid_stride : NULL;
+        for (int h = 0; h < heads; h++) {
+            const float *qh = q + b * q_strides[0] + h * q_strides[1];
+            const float *kh = k + b * k_strides[0] + h * k_strides[1];
+            const float *vh = v + b * v_strides[0] + h * v_strides[1];
+            float *oh = out + b * out_strides[0] + h * out_strides[1];
+            for (int start = 0; start < nq; start += block) {
+                int rows = nq - start < block ? nq - start : block;
+                sgemm(ROW_MAJOR, NO_TRANS, TRANS, rows, nk, d, scale, qh + start * q_strides[2], (int)q_strides[2],
+                      kh, (int)k_strides[2], 0.0f, scores, ld);
+                softmax_rows(scores, rows, nk, ld, valid, inv_sums);
+                float *o = oh + start * out_strides[2];
+                sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, rows, d, nk, 1.0f, scores, ld, vh, (int)v_strides[2], 0.0f, o,
+                      (int)out_strides[2]);
+                for (int i = 0; i < rows; i++)
+                    for (int c = 0; c < d; c++) o[i * out_strides[2] + c] *= inv_sums[i];
+            }
+        }
+    }
+    free(scores);
+    free(inv_sums);
+    return 0;
+}

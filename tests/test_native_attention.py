@@ -1,0 +1,121 @@
+"""The compiled CPU attention kernel (mlximg/nn/native.py, cpu_attention.cpp) against torch's SDPA, its gradients,
+when it applies, and how it is built."""
+
+import shutil
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlximg.nn import attention, native
+from mlximg.runtime.blas import find_openblas
+from oracle import assert_close, require_oracle
+
+CAN_BUILD = sys.platform.startswith("linux") and find_openblas() is not None and shutil.which("g++") is not None
+
+
+def torch_attention(q, k, v, mask=None):
+    """torch's SDPA of (B, H, N, D) NumPy arrays, as (B, N, H * D)."""
+    torch = require_oracle()
+    out = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.from_numpy(np.ascontiguousarray(a)) for a in (q, k, v)),
+        attn_mask=None if mask is None else torch.from_numpy(mask))
+    batch, heads, length, head_dim = out.shape
+    return out.permute(0, 2, 1, 3).reshape(batch, length, heads * head_dim)
+
+
+def test_kernel_is_built_where_it_can_be():
+    if not CAN_BUILD:
+        pytest.skip("needs Linux, the system OpenBLAS and g++")
+    assert native.status().startswith("in use"), native.status()
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 7, 8), (2, 3, 300, 16), (1, 1, 530, 64)])
+def test_matches_torch_sdpa(shape):
+    """Key counts off the vector width, several query blocks of 256 with a partial last one, one head (VAE)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) * 2 for _ in range(3))
+    arrays = [mx.array(a) for a in (q, k, v)]
+    assert native.supports(*arrays, None) == CAN_BUILD
+    assert_close(attention(*arrays), torch_attention(q, k, v), 1e-6, f"attention {shape}")
+
+
+def test_key_masks_and_strided_inputs():
+    """Z-Image's batch-padding key mask (per sample, or one for all), and q/k/v as transposed (B, N, H, D) views."""
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 45, 3, 16)).astype(np.float32) for _ in range(3))
+    keep = np.ones((2, 1, 1, 45), dtype=bool)
+    keep[1, ..., 29:] = False
+    views = [mx.array(a).transpose(0, 2, 1, 3) for a in (q, k, v)]
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    for mask in (keep, keep[1:]):
+        assert native.supports(*views, mx.array(mask)) == CAN_BUILD
+        assert_close(attention(*views, mx.array(mask)), torch_attention(q, k, v, mask), 1e-6, "masked attention")
+
+
+def test_masked_keys_get_exactly_zero_weight():
+    rng = np.random.default_rng(2)
+    q, k, v = (mx.array(rng.standard_normal((1, 1, 8, 4)).astype(np.float32)) for _ in range(3))
+    mask = mx.array(np.arange(8) < 5)[None, None, None]
+    changed = v + mx.array((np.arange(8) >= 5)[:, None] * 1e30, dtype=mx.float32)  # huge values on masked keys
+    assert mx.array_equal(attention(q, k, v, mask), attention(q, k, changed, mask))
+
+
+def test_other_masks_and_dtypes_take_the_mlx_path():
+    q = mx.zeros((1, 2, 16, 8))
+    assert not native.supports(q, q, q, mx.zeros((1, 1, 16, 16)))  # additive
+    assert not native.supports(q, q, q, mx.ones((1, 1, 16, 16), dtype=mx.bool_))  # per query
+    assert not native.supports(*(q.astype(mx.bfloat16),) * 3, None)
+
+
+def test_gradients_match_torch():
+    """Training (scripts/train_tiny.py) differentiates through attention: the kernel's vjp is the MLX path's."""
+    torch = require_oracle()
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 2, 33, 8)).astype(np.float32) for _ in range(3))
+    weights = rng.standard_normal((2, 33, 16)).astype(np.float32)
+    keep = np.ones((2, 1, 1, 33), dtype=bool)
+    keep[0, ..., 20:] = False
+    grads = mx.grad(lambda q, k, v: (attention(q, k, v, mx.array(keep)) * mx.array(weights)).sum(),
+                    argnums=(0, 1, 2))(*(mx.array(a) for a in (q, k, v)))
+    tensors = [torch.from_numpy(a).requires_grad_() for a in (q, k, v)]
+    with torch.enable_grad():  # require_oracle turns gradients off for the parity tests
+        out = torch.nn.functional.scaled_dot_product_attention(*tensors, attn_mask=torch.from_numpy(keep))
+        (out.permute(0, 2, 1, 3).reshape(2, 33, 16) * torch.from_numpy(weights)).sum().backward()
+    for name, ours, tensor in zip("qkv", grads, tensors):
+        assert_close(ours, tensor.grad, 1e-5, f"d{name}")
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """The kernel built from scratch into an empty cache under tmp_path; the normal one restored afterwards."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native._kernel.cache_clear()
+    yield tmp_path / "mlximg" / "native"
+    native._kernel.cache_clear()
+
+
+def test_build_is_cached_and_atomic(fresh_build):
+    if not CAN_BUILD:
+        pytest.skip("needs Linux, the system OpenBLAS and g++")
+    assert native.status().startswith("in use")
+    [library] = fresh_build.iterdir()  # only the finished library: no temporary folder left behind
+    built_at = library.stat().st_mtime_ns
+    native._kernel.cache_clear()
+    assert native.status().startswith("in use") and library.stat().st_mtime_ns == built_at
+
+
+def test_a_failing_compiler_leaves_the_mlx_path(fresh_build, monkeypatch):
+    monkeypatch.setenv("CXX", "false")
+    if CAN_BUILD:
+        assert native.status().startswith("not used: building the kernel failed"), native.status()
+    q = mx.array(np.random.default_rng(4).standard_normal((1, 2, 16, 8)).astype(np.float32))
+    assert not native.supports(q, q, q, None)
+    assert_close(attention(q, q, q), torch_attention(*(np.array(q),) * 3), 1e-6, "MLX path")
+    assert not list(fresh_build.glob("*.so"))
+
+
+def test_can_be_turned_off(fresh_build, monkeypatch):
+    monkeypatch.setenv(native.OPT_OUT_ENV, "0")
+    assert native.status() == "not used: disabled by MLXIMG_NATIVE=0"
