@@ -24,7 +24,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
     def in_mlx(q, k, v):
         return _merge_heads(cpu_math.attention(q, k, v, scale, mask))
 
-    return native.attention(q, k, v, scale, mask, in_mlx) if native.supports(q, k, v, mask) else in_mlx(q, k, v)
+    if native.supports_attention(q, k, v, mask):
+        return native.attention(q, k, v, scale, mask, in_mlx)
+    return in_mlx(q, k, v)
 
 
 def split_heads(x: mx.array, heads: int) -> mx.array:

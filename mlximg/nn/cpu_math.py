@@ -16,6 +16,8 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import native
+
 # e^r for |r| <= ln(2) / 2: Taylor coefficients to degree 7 (truncation error < 6e-9 relative).
 _EXP_COEFFICIENTS = tuple(1 / math.factorial(n) for n in range(8))
 # ln 2 in two parts (Cody-Waite): n * _LN2_HIGH is exact in float32 for the n that occur, so r keeps its digits.
@@ -96,16 +98,28 @@ def _silu_mul(gate: mx.array, value: mx.array) -> mx.array:
     return _silu(gate) * value
 
 
+def _silu_in_streams(x: mx.array) -> mx.array:
+    return _parallel(_silu, x, axis=1)
+
+
+def _silu_mul_in_streams(gate: mx.array, value: mx.array) -> mx.array:
+    return _parallel(_silu_mul, gate, value, axis=-2)
+
+
 def silu(x: mx.array) -> mx.array:
-    """x sigmoid(x), on any device."""
-    return _parallel(_silu, x, axis=1) if fast_math_applies(x) else nn.silu(x)
+    """x sigmoid(x), on any device: native.py's kernel, else the polynomial exp on the CPU, else nn.silu."""
+    if not fast_math_applies(x):
+        return nn.silu(x)
+    return native.silu_mul(x, None, _silu_in_streams) if native.applies(x) else _silu_in_streams(x)
 
 
 def silu_mul(gate: mx.array, value: mx.array) -> mx.array:
-    """SwiGLU's silu(gate) * value, on any device (nn.silu's kernel where the CPU path does not apply)."""
+    """SwiGLU's silu(gate) * value, on any device, chosen as `silu`."""
     if not fast_math_applies(gate):
         return nn.silu(gate) * value
-    return _parallel(_silu_mul, gate, value, axis=-2)
+    if native.applies(gate, value) and gate.shape == value.shape:
+        return native.silu_mul(gate, value, _silu_mul_in_streams)
+    return _silu_mul_in_streams(gate, value)
 
 
 def _attention_rows(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None,

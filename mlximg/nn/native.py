@@ -1,9 +1,9 @@
-"""A compiled softmax-attention kernel for MLX's CPU backend (cpu_attention.cpp), built on first use.
+"""Compiled float32 kernels for MLX's CPU backend (cpu_kernels.cpp): softmax attention and SiLU / SwiGLU.
 
 MLX has no fused CPU attention: its graph writes the N x N scores several times and its exp is scalar, so attention
-was most of a denoising step here. The kernel keeps MLX's BLAS for the two matmuls and does the softmax in one
-vectorised pass over cache-sized blocks (2-2.5x faster than torch's CPU attention, docs/MEASUREMENTS.md). It is
-compiled with g++ (which MLX's own CPU compiler also calls) into a cache folder keyed by the source and compiler,
+and SwiGLU were most of a denoising step's non-matmul time here. The attention kernel keeps MLX's BLAS for the two
+matmuls and does the softmax in one vectorised pass over cache-sized blocks (2-2.5x faster than torch's CPU
+attention, docs/MEASUREMENTS.md); SiLU is one vectorised pass. The library is compiled with g++ (which MLX's own CPU compiler also calls) into a cache folder keyed by the source and compiler,
 and used on Linux when mlximg preloaded OpenBLAS (its cblas_sgemm is handed to the kernel). Where any of that is
 missing, `attention` returns None and callers keep the MLX path; `status()` says why.
 
@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 from ..runtime import blas
 
 OPT_OUT_ENV = "MLXIMG_NATIVE"  # set to 0 to keep MLX's own ops
-SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-Wall", "-Wno-psabi")
 _LANES = 8  # the kernel's vector width: key masks are padded to a multiple of it
 _Strides = ctypes.c_int64 * 3
@@ -51,7 +52,7 @@ def _build(compiler: str) -> Path:
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_FLAGS).encode() + version.encode()).hexdigest()[:16]
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"cpu_attention-{key}.so"
+    target = folder / f"cpu_kernels-{key}.so"
     if not target.exists():
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             built = Path(scratch) / target.name
@@ -62,9 +63,28 @@ def _build(compiler: str) -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class _Library:
+    attention: ctypes._CFuncPtr
+    silu_mul: ctypes._CFuncPtr
+    sgemm: int  # cblas_sgemm's address in the OpenBLAS mlximg loaded
+
+
+def _bind(path: Path, openblas: str) -> _Library:
+    library = ctypes.CDLL(str(path))
+    attention = library.attention_f32
+    attention.restype = ctypes.c_int
+    attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [_Strides] * 4 + [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_float]
+    silu_mul = library.silu_mul_f32
+    silu_mul.restype = None
+    silu_mul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64]
+    return _Library(attention, silu_mul, ctypes.cast(ctypes.CDLL(openblas).cblas_sgemm, ctypes.c_void_p).value)
+
+
 @lru_cache(maxsize=None)
-def _kernel():
-    """(attention function, cblas_sgemm address), or None with the reason kept for `status`."""
+def _library() -> _Library | None:
+    """The bound library, or None with the reason kept for `status`."""
     if os.environ.get(OPT_OUT_ENV, "1") == "0":
         _reason["text"] = f"disabled by {OPT_OUT_ENV}=0"
         return None
@@ -76,21 +96,23 @@ def _kernel():
         _reason["text"] = "no C++ compiler (g++, or $CXX) found"
         return None
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
+        library = _bind(_build(compiler), openblas)
     except (OSError, RuntimeError) as error:
-        _reason["text"] = f"building the kernel failed: {error}"
+        _reason["text"] = f"building the kernels failed: {error}"
         return None
-    function = library.attention_f32
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [_Strides] * 4 + [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_float]
     _reason["text"] = f"built in {cache_dir()}"
-    return function, ctypes.cast(ctypes.CDLL(openblas).cblas_sgemm, ctypes.c_void_p).value
+    return library
+
+
+def applies(*arrays: mx.array) -> bool:
+    """Whether the kernels can run on these arrays: float32 on the CPU, with the library built."""
+    return (mx.default_device() == mx.cpu and all(a.dtype == mx.float32 for a in arrays)
+            and _library() is not None)
 
 
 def status() -> str:
     """Whether the kernel is in use, in words."""
-    return ("in use: " if _kernel() else "not used: ") + _reason["text"]
+    return ("in use: " if _library() else "not used: ") + _reason["text"]
 
 
 def _host_view(a: mx.array) -> np.ndarray:
@@ -113,24 +135,22 @@ def _key_valid(mask: mx.array | None, batch: int, keys: int) -> np.ndarray | Non
     return valid
 
 
-def supports(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> bool:
-    """Whether `attention` can take these inputs: float32 on the CPU, one key mask for all queries at most."""
-    if not all(a.dtype == mx.float32 and a.ndim == 4 for a in (q, k, v)) or mx.default_device() != mx.cpu:
-        return False
+def supports_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> bool:
+    """Whether `attention` can take these inputs: (B, H, N, D), one boolean key mask for all queries at most."""
     key_mask = mask is None or (mask.dtype == mx.bool_ and mask.ndim == 4 and mask.shape[1:3] == (1, 1)
                                 and mask.shape[-1] == k.shape[-2])
-    return key_mask and _kernel() is not None
+    return key_mask and all(a.ndim == 4 for a in (q, k, v)) and applies(q, k, v)
 
 
 def _forward(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
-    function, sgemm = _kernel()
+    library = _library()
     mx.eval(q, k, v)
     qn, kn, vn = (_host_view(a) for a in (q, k, v))
     batch, heads, length, head_dim = qn.shape
     out = np.empty((batch, length, heads, head_dim), np.float32)
     valid = _key_valid(mask, batch, kn.shape[2])
     valid_stride = 0 if valid is None or valid.shape[0] == 1 else valid.shape[1]
-    code = function(sgemm, qn.ctypes.data, kn.ctypes.data, vn.ctypes.data, out.ctypes.data, batch, heads, length,
+    code = library.attention(library.sgemm, qn.ctypes.data, kn.ctypes.data, vn.ctypes.data, out.ctypes.data, batch, heads, length,
                     kn.shape[2], head_dim, _element_strides(qn), _element_strides(kn), _element_strides(vn),
                     _Strides(length * heads * head_dim, head_dim, heads * head_dim),
                     None if valid is None else valid.ctypes.data, valid_stride, scale)
@@ -141,15 +161,38 @@ def _forward(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None,
               differentiable) -> mx.array:
-    """softmax(q k^T scale) v of (B, heads, N, D) inputs as (B, N, heads * D), by the kernel (call `supports`
-    first). Its gradients are those of `differentiable(q, k, v)`, the same attention in MLX ops."""
+    """softmax(q k^T scale) v of (B, heads, N, D) inputs as (B, N, heads * D), by the kernel (call
+    `supports_attention` first). Its gradients are those of `differentiable(q, k, v)`, the same attention in MLX
+    ops."""
+    return _with_gradients_of(differentiable, lambda q, k, v: _forward(q, k, v, scale, mask))(q, k, v)
 
-    @mx.custom_function
-    def kernel(q, k, v):
-        return _forward(q, k, v, scale, mask)
+
+def _silu_mul_forward(gate: mx.array, value: mx.array | None) -> mx.array:
+    mx.eval(gate, value) if value is not None else mx.eval(gate)
+    gate_host = np.ascontiguousarray(np.array(gate, copy=False))
+    value_host = None if value is None else np.ascontiguousarray(np.array(value, copy=False))
+    out = np.empty(gate_host.shape, np.float32)
+    _library().silu_mul(gate_host.ctypes.data, None if value is None else value_host.ctypes.data, out.ctypes.data,
+                        out.size)
+    return mx.array(out)
+
+
+def _with_gradients_of(differentiable, forward):
+    """`forward` as an MLX function whose vjp is `differentiable`'s."""
+    kernel = mx.custom_function(forward)
 
     @kernel.vjp
     def kernel_vjp(primals, cotangent, _):
-        return mx.vjp(differentiable, list(primals), [cotangent])[1]
+        primals = list(primals) if isinstance(primals, (tuple, list)) else [primals]  # one input comes bare
+        gradients = mx.vjp(differentiable, primals, [cotangent])[1]
+        return tuple(gradients) if len(gradients) > 1 else gradients[0]
 
-    return kernel(q, k, v)
+    return kernel
+
+
+def silu_mul(gate: mx.array, value: mx.array | None, differentiable) -> mx.array:
+    """silu(gate) * value, or silu(gate) where value is None, by the kernel (call `applies` first; same shapes).
+    Its gradients are those of `differentiable(gate[, value])`."""
+    if value is None:
+        return _with_gradients_of(differentiable, lambda gate: _silu_mul_forward(gate, None))(gate)
+    return _with_gradients_of(differentiable, _silu_mul_forward)(gate, value)

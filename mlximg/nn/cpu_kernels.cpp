@@ -1,7 +1,7 @@
-/* Softmax attention for MLX's CPU backend, float32: the matmuls go to the BLAS MLX uses (cblas_sgemm, passed in
- * by the caller), the softmax between them is one vectorised pass per row here. MLX's CPU exp is scalar and its
- * graph writes the N x N scores several times; this keeps a block of scores in cache and touches it twice.
- * Built at run time by mlximg/nn/native.py; see there for when it is used. */
+/* Float32 kernels for MLX's CPU backend, where its exp is scalar: softmax attention (the matmuls go to the BLAS
+ * MLX uses, cblas_sgemm passed in by the caller; the softmax between them is one vectorised pass per row, over a
+ * cache-sized block of scores that MLX's graph would write several times) and SiLU / SwiGLU.
+ * Built at run time by mlximg/nn/native.py; see there for when they are used. */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,10 +24,11 @@ enum { LANES = 8 };
 
 static inline floats splat(float x) { return floats{} + x; }
 
-/* e^x for x <= 0 as a degree-7 polynomial of the Cody-Waite reduced argument times 2^n set in the exponent bits
- * (1e-7 relative error); x below -87 gives ~1e-38 instead of less. */
-static inline floats exp_nonpositive(floats x) {
+/* e^x as a degree-7 polynomial of the Cody-Waite reduced argument times 2^n set in the exponent bits (1e-7
+ * relative error); x is clamped to [-87, 88], so the result is between ~1e-38 and ~1.6e38, never 0 or inf. */
+static inline floats exp_clamped(floats x) {
     x = x < splat(-87.0f) ? splat(-87.0f) : x;
+    x = x > splat(88.0f) ? splat(88.0f) : x;
     floats n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round(x / ln 2): 1.5 * 2^23 drops the fraction */
     floats r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
     floats p = splat(1.98412698e-4f);
@@ -79,12 +80,28 @@ static void softmax_rows(float *scores, int rows, int n, int ld, const float *va
         }
         floats row_max = splat(lanes_max(vmax)), vsum = floats{};
         for (int j = 0; j < ld; j += LANES) {
-            floats e = exp_nonpositive(load(row + j) - row_max);
+            floats e = exp_clamped(load(row + j) - row_max);
             if (valid) e *= load(valid + j);
             store(row + j, e);
             vsum += e;
         }
         inv_sums[i] = 1.0f / lanes_sum(vsum);
+    }
+}
+
+/* out = silu(gate) * value, or silu(gate) where value is NULL; n values, contiguous. */
+extern "C" VECTOR_CLONES void silu_mul_f32(const float *gate, const float *value, float *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        floats x = load(gate + i);
+        floats y = x / (1.0f + exp_clamped(-x));
+        store(out + i, value ? y * load(value + i) : y);
+    }
+    for (; i < n; i++) {  /* the tail, through a zero-padded vector */
+        floats x = floats{};
+        x[0] = gate[i];
+        float y = (x / (1.0f + exp_clamped(-x)))[0];
+        out[i] = value ? y * value[i] : y;
     }
 }
 

@@ -1,5 +1,5 @@
-"""The compiled CPU attention kernel (mlximg/nn/native.py, cpu_attention.cpp) against torch's SDPA, its gradients,
-when it applies, and how it is built."""
+"""The compiled CPU kernels (mlximg/nn/native.py, cpu_kernels.cpp) against torch's SDPA and SiLU, their gradients,
+when they apply, and how they are built."""
 
 import shutil
 import sys
@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlximg.nn import attention, native
+from mlximg.nn import attention, native, silu, silu_mul
 from mlximg.runtime.blas import find_openblas
 from oracle import assert_close, require_oracle
 
@@ -37,7 +37,7 @@ def test_matches_torch_sdpa(shape):
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal(shape).astype(np.float32) * 2 for _ in range(3))
     arrays = [mx.array(a) for a in (q, k, v)]
-    assert native.supports(*arrays, None) == CAN_BUILD
+    assert native.supports_attention(*arrays, None) == CAN_BUILD
     assert_close(attention(*arrays), torch_attention(q, k, v), 1e-6, f"attention {shape}")
 
 
@@ -50,7 +50,7 @@ def test_key_masks_and_strided_inputs():
     views = [mx.array(a).transpose(0, 2, 1, 3) for a in (q, k, v)]
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     for mask in (keep, keep[1:]):
-        assert native.supports(*views, mx.array(mask)) == CAN_BUILD
+        assert native.supports_attention(*views, mx.array(mask)) == CAN_BUILD
         assert_close(attention(*views, mx.array(mask)), torch_attention(q, k, v, mask), 1e-6, "masked attention")
 
 
@@ -64,9 +64,9 @@ def test_masked_keys_get_exactly_zero_weight():
 
 def test_other_masks_and_dtypes_take_the_mlx_path():
     q = mx.zeros((1, 2, 16, 8))
-    assert not native.supports(q, q, q, mx.zeros((1, 1, 16, 16)))  # additive
-    assert not native.supports(q, q, q, mx.ones((1, 1, 16, 16), dtype=mx.bool_))  # per query
-    assert not native.supports(*(q.astype(mx.bfloat16),) * 3, None)
+    assert not native.supports_attention(q, q, q, mx.zeros((1, 1, 16, 16)))  # additive
+    assert not native.supports_attention(q, q, q, mx.ones((1, 1, 16, 16), dtype=mx.bool_))  # per query
+    assert not native.supports_attention(*(q.astype(mx.bfloat16),) * 3, None)
 
 
 def test_gradients_match_torch():
@@ -87,13 +87,38 @@ def test_gradients_match_torch():
         assert_close(ours, tensor.grad, 1e-5, f"d{name}")
 
 
+@pytest.mark.parametrize("size", [5, 8, 4099])
+def test_silu_and_swiglu_match_torch(size):
+    """Vector-width multiples and tails; large |x| saturates instead of giving inf or nan."""
+    torch = require_oracle()
+    rng = np.random.default_rng(size)
+    gate = np.concatenate([[-1e4, -90.0, 90.0, 1e4], rng.normal(0, 8, size - 4)]).astype(np.float32)[:size]
+    value = rng.normal(0, 1, size).astype(np.float32)
+    expected = torch.nn.functional.silu(torch.from_numpy(gate))
+    assert native.applies(mx.array(gate)) == CAN_BUILD
+    assert_close(silu(mx.array(gate)), expected, 1e-6, "silu")
+    assert_close(silu_mul(mx.array(gate), mx.array(value)), expected * torch.from_numpy(value), 1e-6, "silu * value")
+
+
+def test_swiglu_gradients_match_torch():
+    torch = require_oracle()
+    gate, value = (np.random.default_rng(5).normal(0, 4, (3, 37)).astype(np.float32) for _ in range(2))
+    grads = mx.grad(lambda g, v: (silu_mul(g, v) * silu(v)).sum(), argnums=(0, 1))(mx.array(gate), mx.array(value))
+    tensors = [torch.from_numpy(a).requires_grad_() for a in (gate, value)]
+    with torch.enable_grad():
+        silu_torch = torch.nn.functional.silu
+        (silu_torch(tensors[0]) * tensors[1] * silu_torch(tensors[1])).sum().backward()
+    for name, ours, tensor in zip(("gate", "value"), grads, tensors):
+        assert_close(ours, tensor.grad, 1e-5, f"d{name}")
+
+
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
     """The kernel built from scratch into an empty cache under tmp_path; the normal one restored afterwards."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    native._kernel.cache_clear()
+    native._library.cache_clear()
     yield tmp_path / "mlximg" / "native"
-    native._kernel.cache_clear()
+    native._library.cache_clear()
 
 
 def test_build_is_cached_and_atomic(fresh_build):
@@ -102,16 +127,16 @@ def test_build_is_cached_and_atomic(fresh_build):
     assert native.status().startswith("in use")
     [library] = fresh_build.iterdir()  # only the finished library: no temporary folder left behind
     built_at = library.stat().st_mtime_ns
-    native._kernel.cache_clear()
+    native._library.cache_clear()
     assert native.status().startswith("in use") and library.stat().st_mtime_ns == built_at
 
 
 def test_a_failing_compiler_leaves_the_mlx_path(fresh_build, monkeypatch):
     monkeypatch.setenv("CXX", "false")
     if CAN_BUILD:
-        assert native.status().startswith("not used: building the kernel failed"), native.status()
+        assert native.status().startswith("not used: building the kernels failed"), native.status()
     q = mx.array(np.random.default_rng(4).standard_normal((1, 2, 16, 8)).astype(np.float32))
-    assert not native.supports(q, q, q, None)
+    assert not native.supports_attention(q, q, q, None)
     assert_close(attention(q, q, q), torch_attention(*(np.array(q),) * 3), 1e-6, "MLX path")
     assert not list(fresh_build.glob("*.so"))
 
