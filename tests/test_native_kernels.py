@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlximg.models import lm_kernels
 from mlximg.nn import attention, native, silu, silu_mul
 from mlximg.runtime.blas import find_openblas
 from oracle import assert_close, require_oracle
@@ -144,3 +145,38 @@ def test_a_failing_compiler_leaves_the_mlx_path(fresh_build, monkeypatch):
 def test_can_be_turned_off(fresh_build, monkeypatch):
     monkeypatch.setenv(native.OPT_OUT_ENV, "0")
     assert native.status() == "not used: disabled by MLXIMG_NATIVE=0"
+
+
+@pytest.mark.parametrize("mask", [None, "causal", "padded"])
+def test_text_encoder_attention_matches_torch(mask):
+    """mlx-lm's decoders (grouped-query heads, causal, right padding hidden) through lm_kernels' sdpa."""
+    torch = require_oracle()
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((2, 8, 37, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 2, 37, 16)).astype(np.float32) for _ in range(2))
+    keys = np.ones((2, 1, 1, 37), dtype=bool)
+    keys[1, ..., 27:] = False
+    causal = np.tril(np.ones((37, 37), dtype=bool))
+    dense = {None: None, "causal": causal, "padded": causal & keys}[mask]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        torch.from_numpy(q), *(torch.from_numpy(a).repeat_interleave(4, dim=1) for a in (k, v)),
+        attn_mask=None if dense is None else torch.from_numpy(dense))
+    ours_mask = lm_kernels.PaddedCausalMask(mx.array(keys)) if mask == "padded" else mask
+    arrays = [mx.array(a) for a in (q, k, v)]
+    assert native.supports_attention(*arrays, None) == CAN_BUILD
+    ours = lm_kernels.scaled_dot_product_attention(*arrays, None, scale=0.25, mask=ours_mask)
+    assert_close(ours, expected, 1e-6, f"text encoder attention, mask {mask}")
+
+
+def test_text_encoder_kernels_are_swapped_in_only_while_active():
+    from mlx_lm.models import activations, base, qwen3
+
+    model = qwen3.Model(qwen3.ModelArgs(model_type="qwen3", hidden_size=16, num_hidden_layers=1,
+                                        intermediate_size=32, num_attention_heads=2, rms_norm_eps=1e-6,
+                                        vocab_size=10, num_key_value_heads=1, max_position_embeddings=64,
+                                        rope_theta=1e6, head_dim=8, tie_word_embeddings=True))
+    with lm_kernels.kernels_for(model.model):
+        assert qwen3.scaled_dot_product_attention is lm_kernels.scaled_dot_product_attention
+        assert qwen3.swiglu is lm_kernels.swiglu
+    assert qwen3.scaled_dot_product_attention is base.scaled_dot_product_attention
+    assert qwen3.swiglu is activations.swiglu

@@ -13,6 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .lm_kernels import PaddedCausalMask, kernels_for
+
 
 def resolve_hidden_layer(index: int, num_layers: int) -> int:
     """A hidden-state index (negative counts from the end, as in transformers) as the number of layers to run."""
@@ -35,9 +37,10 @@ def prompt_list(prompts: str | list[str]) -> list[str]:
     return prompts
 
 
-def causal_padding_mask(attention_mask: np.ndarray | None, length: int,
-                        allow_left_padding: bool = False) -> tuple[mx.array | str, np.ndarray | None]:
-    """transformers' mask: causal, and keys at padded positions hidden. All valid: plain causal (the fast path).
+def causal_padding_mask(attention_mask: np.ndarray | None, length: int, allow_left_padding: bool = False
+                        ) -> tuple[mx.array | PaddedCausalMask | str, np.ndarray | None]:
+    """transformers' mask: causal, and keys at padded positions hidden. All valid: plain causal (the fast path);
+    every query with a key (right padding): a PaddedCausalMask, which the CPU kernel takes.
 
     Returns the mask and, where left padding leaves queries with no key at all, those (B, L) rows (else None).
     """
@@ -47,7 +50,7 @@ def causal_padding_mask(attention_mask: np.ndarray | None, length: int,
     # A query before the first real token has nothing to attend to; torch's SDPA returns zeros there, MLX's not.
     unattended = ~allowed.any(axis=-1)
     if not unattended.any():
-        return mx.array(allowed[:, None]), None
+        return PaddedCausalMask(mx.array(attention_mask[:, None, None, :])), None
     if not allow_left_padding:
         rows = np.flatnonzero(unattended.any(axis=1))
         raise ValueError(f"attention_mask masks the first token of sequences {rows.tolist()} (left padding?); "
@@ -98,11 +101,12 @@ class DecoderHiddenStates(nn.Module):
         h = self.model.embed_tokens(input_ids)
         states = [h]
         rows = None if unattended is None else UnattendedRows(self.model, np.array(input_ids), unattended)
-        for layer in self.model.layers[:depth]:
-            h = layer(h, mask)
-            if rows is not None:
-                h = rows.step(layer, h)
-            states.append(h)
+        with kernels_for(self.model):
+            for layer in self.model.layers[:depth]:
+                h = layer(h, mask)
+                if rows is not None:
+                    h = rows.step(layer, h)
+                states.append(h)
         return [states[k] for k in indices]
 
 

@@ -63,29 +63,38 @@ static inline float lanes_sum(floats x) {
     return s;
 }
 
-/* Row i of `scores` (rows x n, leading dimension n) becomes exp(row - max(row)) and inv_sums[i] 1 / its sum;
- * keys with valid[j] == 0 get weight exactly 0 (valid: n floats of 0 / 1, or NULL). Rows are padded to LANES by
- * the caller's leading dimension `ld`. */
+/* Row i of `scores` (leading dimension ld, a multiple of LANES) becomes exp(row - max(row)) over its first
+ * limit_0 + i * limit_step keys (at most n; causal attention steps by one key per row), 0 elsewhere, and
+ * inv_sums[i] 1 / its sum (0 for a row with no key). Keys with valid[j] == 0 get weight exactly 0 too (valid: ld
+ * floats of 0 / 1, or NULL). */
 VECTOR_CLONES
-static void softmax_rows(float *scores, int rows, int n, int ld, const float *valid, float *inv_sums) {
+static void softmax_rows(float *scores, int rows, int n, int ld, int limit_0, int limit_step, const float *valid,
+                         float *inv_sums) {
     const floats lowest = splat(-3.0e38f);
+    const ints lane = {0, 1, 2, 3, 4, 5, 6, 7};
     for (int i = 0; i < rows; i++) {
         float *row = scores + (size_t)i * ld;
-        for (int j = n; j < ld; j++) row[j] = -3.0e38f;  /* padding lanes: weight 0 below */
+        int limit = limit_0 + i * limit_step;
+        limit = limit < 0 ? 0 : (limit > n ? n : limit);
+        int end = (limit + LANES - 1) / LANES * LANES;
         floats vmax = lowest;
-        for (int j = 0; j < ld; j += LANES) {
+        for (int j = 0; j < end; j += LANES) {
             floats x = load(row + j);
+            x = lane + j < limit ? x : lowest;
             if (valid) x = load(valid + j) != 0.0f ? x : lowest;
             vmax = x > vmax ? x : vmax;
         }
         floats row_max = splat(lanes_max(vmax)), vsum = floats{};
-        for (int j = 0; j < ld; j += LANES) {
+        for (int j = 0; j < end; j += LANES) {
             floats e = exp_clamped(load(row + j) - row_max);
+            e = lane + j < limit ? e : floats{};
             if (valid) e *= load(valid + j);
             store(row + j, e);
             vsum += e;
         }
-        inv_sums[i] = 1.0f / lanes_sum(vsum);
+        memset(row + end, 0, sizeof(float) * (size_t)(ld - end));
+        float sum = lanes_sum(vsum);
+        inv_sums[i] = sum > 0.0f ? 1.0f / sum : 0.0f;
     }
 }
 
@@ -106,15 +115,17 @@ extern "C" VECTOR_CLONES void silu_mul_f32(const float *gate, const float *value
 }
 
 /* out = softmax(q k^T scale + mask) v for every batch b and head h. q: (nq, d) rows at q + b*q_strides[0] +
- * h*q_strides[1], row stride q_strides[2] (elements; unit column stride), likewise k and v (nk rows) and out (nq
- * rows). key_valid: (batch, nk rounded up to 8) of 0 / 1 with row stride key_valid_stride (0: one row for all),
- * or NULL. Returns 0, or -1 when memory runs out. */
+ * h*q_strides[1], row stride q_strides[2] (elements; unit column stride), likewise out; k and v: (nk, d) rows of
+ * KV head h / (heads / kv_heads) (grouped-query attention). key_valid: (batch, nk rounded up to 8) of 0 / 1 with
+ * row stride key_valid_stride (0: one row for all), or NULL. causal: query i sees keys up to i + nk - nq, as
+ * MLX's "causal" mask. Returns 0, or -1 when memory runs out. */
 extern "C" int attention_f32(sgemm_fn sgemm, const float *q, const float *k, const float *v, float *out, int batch,
-                             int heads, int nq, int nk, int d, const int64_t *q_strides, const int64_t *k_strides,
-                             const int64_t *v_strides, const int64_t *out_strides, const float *key_valid,
-                             int64_t key_valid_stride, float scale) {
+                             int heads, int kv_heads, int nq, int nk, int d, const int64_t *q_strides,
+                             const int64_t *k_strides, const int64_t *v_strides, const int64_t *out_strides,
+                             const float *key_valid, int64_t key_valid_stride, int causal, float scale) {
     int block = nq < QUERY_BLOCK ? nq : QUERY_BLOCK;
     int ld = (nk + LANES - 1) / LANES * LANES;
+    int group = heads / kv_heads;
     float *scores = (float *)malloc(sizeof(float) * (size_t)block * ld);
     float *inv_sums = (float *)malloc(sizeof(float) * (size_t)block);
     if (!scores || !inv_sums) {
@@ -126,14 +137,17 @@ extern "C" int attention_f32(sgemm_fn sgemm, const float *q, const float *k, con
         const float *valid = key_valid ? key_valid + b * key_valid_stride : NULL;
         for (int h = 0; h < heads; h++) {
             const float *qh = q + b * q_strides[0] + h * q_strides[1];
-            const float *kh = k + b * k_strides[0] + h * k_strides[1];
-            const float *vh = v + b * v_strides[0] + h * v_strides[1];
+            const float *kh = k + b * k_strides[0] + (h / group) * k_strides[1];
+            const float *vh = v + b * v_strides[0] + (h / group) * v_strides[1];
             float *oh = out + b * out_strides[0] + h * out_strides[1];
             for (int start = 0; start < nq; start += block) {
                 int rows = nq - start < block ? nq - start : block;
                 sgemm(ROW_MAJOR, NO_TRANS, TRANS, rows, nk, d, scale, qh + start * q_strides[2], (int)q_strides[2],
                       kh, (int)k_strides[2], 0.0f, scores, ld);
-                softmax_rows(scores, rows, nk, ld, valid, inv_sums);
+                if (causal)
+                    softmax_rows(scores, rows, nk, ld, start + 1 + nk - nq, 1, valid, inv_sums);
+                else
+                    softmax_rows(scores, rows, nk, ld, nk, 0, valid, inv_sums);
                 float *o = oh + start * out_strides[2];
                 sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, rows, d, nk, 1.0f, scores, ld, vh, (int)v_strides[2], 0.0f, o,
                       (int)out_strides[2]);

@@ -74,8 +74,8 @@ def _bind(path: Path, openblas: str) -> _Library:
     library = ctypes.CDLL(str(path))
     attention = library.attention_f32
     attention.restype = ctypes.c_int
-    attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [_Strides] * 4 + [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_float]
+    attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [_Strides] * 4 + [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float]
     silu_mul = library.silu_mul_f32
     silu_mul.restype = None
     silu_mul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64]
@@ -143,36 +143,40 @@ def _key_valid(mask: mx.array | None, batch: int, keys: int) -> np.ndarray | Non
     return valid
 
 
-def supports_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> bool:
-    """Whether `attention` can take these inputs: (B, H, N, D), one boolean key mask for all queries at most."""
-    key_mask = mask is None or (mask.dtype == mx.bool_ and mask.ndim == 4 and mask.shape[1:3] == (1, 1)
-                                and mask.shape[-1] == k.shape[-2])
-    return key_mask and all(a.ndim == 4 for a in (q, k, v)) and applies(q, k, v)
+def supports_attention(q: mx.array, k: mx.array, v: mx.array, key_mask: mx.array | None) -> bool:
+    """Whether `attention` can take these inputs: (B, H, N, D) with H a multiple of k's and v's heads, and at most
+    one boolean key mask (B or 1, 1, 1, N_k) for all queries."""
+    key_mask_fits = key_mask is None or (key_mask.dtype == mx.bool_ and key_mask.ndim == 4
+                                         and key_mask.shape[1:3] == (1, 1) and key_mask.shape[-1] == k.shape[-2])
+    grouped = all(a.ndim == 4 for a in (q, k, v)) and k.shape[:2] == v.shape[:2] and q.shape[1] % k.shape[1] == 0
+    return key_mask_fits and grouped and applies(q, k, v)
 
 
-def _forward(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
+def _forward(q: mx.array, k: mx.array, v: mx.array, scale: float, key_mask: mx.array | None,
+             causal: bool) -> mx.array:
     library = _library()
     mx.eval(q, k, v)
     qn, kn, vn = (_host_view(a) for a in (q, k, v))
     batch, heads, length, head_dim = qn.shape
     result, out = _output((batch, length, heads * head_dim))
-    valid = _key_valid(mask, batch, kn.shape[2])
+    valid = _key_valid(key_mask, batch, kn.shape[2])
     valid_stride = 0 if valid is None or valid.shape[0] == 1 else valid.shape[1]
-    code = library.attention(library.sgemm, qn.ctypes.data, kn.ctypes.data, vn.ctypes.data, out.ctypes.data, batch, heads, length,
-                    kn.shape[2], head_dim, _element_strides(qn), _element_strides(kn), _element_strides(vn),
-                    _Strides(length * heads * head_dim, head_dim, heads * head_dim),
-                    None if valid is None else valid.ctypes.data, valid_stride, scale)
+    code = library.attention(
+        library.sgemm, qn.ctypes.data, kn.ctypes.data, vn.ctypes.data, out.ctypes.data, batch, heads, kn.shape[1],
+        length, kn.shape[2], head_dim, _element_strides(qn), _element_strides(kn), _element_strides(vn),
+        _Strides(length * heads * head_dim, head_dim, heads * head_dim), None if valid is None else valid.ctypes.data,
+        valid_stride, int(causal), scale)
     if code != 0:
         raise MemoryError("the CPU attention kernel could not allocate its score block")
     return result
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None,
-              differentiable) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, key_mask: mx.array | None, differentiable,
+              causal: bool = False) -> mx.array:
     """softmax(q k^T scale) v of (B, heads, N, D) inputs as (B, N, heads * D), by the kernel (call
-    `supports_attention` first). Its gradients are those of `differentiable(q, k, v)`, the same attention in MLX
-    ops."""
-    return _with_gradients_of(differentiable, lambda q, k, v: _forward(q, k, v, scale, mask))(q, k, v)
+    `supports_attention` first); `causal` as MLX's "causal" mask, on top of `key_mask`. Its gradients are those of
+    `differentiable(q, k, v)`, the same attention in MLX ops."""
+    return _with_gradients_of(differentiable, lambda q, k, v: _forward(q, k, v, scale, key_mask, causal))(q, k, v)
 
 
 def _silu_mul_forward(gate: mx.array, value: mx.array | None) -> mx.array:
