@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlximg.models import lm_kernels
-from mlximg.nn import attention, native, silu, silu_mul
+from mlximg.nn import RMSNorm, apply_rope, attention, native, norm_rope_heads, silu, silu_mul
 from mlximg.runtime.blas import find_openblas
 from oracle import assert_close, require_oracle
 
@@ -180,3 +180,57 @@ def test_text_encoder_kernels_are_swapped_in_only_while_active():
         assert qwen3.swiglu is lm_kernels.swiglu
     assert qwen3.scaled_dot_product_attention is base.scaled_dot_product_attention
     assert qwen3.swiglu is activations.swiglu
+
+
+def rms_norm_rope_reference(x, weight, eps, cos, sin):
+    """float64 NumPy: RMSNorm over the head dim, then rotate channel pairs; x (B, N, H, D), tables (B|1, N, D/2)."""
+    x = x.astype(np.float64)
+    if weight is not None:
+        x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+    real, imag = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos[:, :, None].astype(np.float64), sin[:, :, None].astype(np.float64)
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = real * cos - imag * sin, real * sin + imag * cos
+    return out
+
+
+@pytest.mark.parametrize("case", ["normed", "rope only", "shared tables", "strided"])
+def test_norm_rope_heads_matches_reference(case):
+    """Per-sample (Z-Image) or shared tables, QK norm or none (FLUX.2's joint blocks norm before concatenating),
+    and q as a slice of a fused projection (FLUX.2's single blocks)."""
+    rng = np.random.default_rng(7)
+    batch, length, heads, head_dim = 2, 19, 3, 16
+    fused = rng.standard_normal((batch, length, 2 * heads * head_dim)).astype(np.float32) * 3
+    x = fused[..., :heads * head_dim].reshape(batch, length, heads, head_dim)
+    angles = rng.uniform(0, 50, (1 if case == "shared tables" else batch, length, head_dim // 2))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    norm = None if case == "rope only" else RMSNorm(head_dim, eps=1e-5)
+    if norm is not None:
+        norm.weight = mx.array(rng.uniform(0.5, 1.5, head_dim).astype(np.float32))
+    x_mx = (mx.array(fused)[..., :heads * head_dim].reshape(batch, length, heads, head_dim) if case == "strided"
+            else mx.array(x))
+    tables = [mx.array(t)[:, None] for t in (cos, sin)]
+    assert native.supports_norm_rope(x_mx, tables[0]) == CAN_BUILD
+    ours = norm_rope_heads(x_mx, norm, *tables)
+    expected = rms_norm_rope_reference(x, None if norm is None else np.array(norm.weight), 1e-5, cos, sin)
+    assert_close(ours, expected.transpose(0, 2, 1, 3), 1e-6, f"norm + rope, {case}")
+
+
+def test_norm_rope_gradients_match_mlx_ops():
+    """Training differentiates through the QK norm's weight and the input."""
+    rng = np.random.default_rng(8)
+    x = mx.array(rng.standard_normal((1, 9, 2, 8)).astype(np.float32))
+    cos, sin = (mx.array(f(rng.uniform(0, 9, (1, 1, 9, 4))).astype(np.float32)) for f in (np.cos, np.sin))
+    norm = RMSNorm(8, eps=1e-6)
+    norm.weight = mx.array(rng.uniform(0.5, 1.5, 8).astype(np.float32))
+    weights = mx.array(rng.standard_normal((1, 2, 9, 8)).astype(np.float32))
+
+    def loss(x, weight, rope):
+        norm.weight = weight
+        return ((rope(x) * weights).sum())
+
+    ours = mx.grad(loss, argnums=(0, 1))(x, norm.weight, lambda x: norm_rope_heads(x, norm, cos, sin))
+    in_mlx = mx.grad(loss, argnums=(0, 1))(x, norm.weight,
+                                            lambda x: apply_rope(norm(x).transpose(0, 2, 1, 3), cos, sin))
+    for name, a, b in zip(("x", "weight"), ours, in_mlx):
+        assert_close(a, b, 1e-5, f"d{name}")

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..cache import run_blocks
 from ..loading import load_component
-from ..nn import RMSNorm, apply_rope, attention, layer_norm, rope_tables, silu_mul, timestep_embedding
+from ..nn import RMSNorm, attention, layer_norm, norm_rope_heads, rope_tables, silu_mul, timestep_embedding
 
 TIME_SCALE = 1000.0  # the model gets sigma (and the guidance scale) and embeds them x1000
 FLOAT16_MAX = 65504.0
@@ -72,10 +72,10 @@ def _heads(x: mx.array, head_dim: int) -> mx.array:
     return x.reshape(*x.shape[:-1], -1, head_dim)
 
 
-def _attend(q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
-    """(B, N, heads, head_dim) each -> (B, N, heads * head_dim), RoPE on q and k."""
-    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    return attention(apply_rope(q, *rope), apply_rope(k, *rope), v)
+def _attend(q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.array], norms=(None, None)) -> mx.array:
+    """(B, N, heads, head_dim) each -> (B, N, heads * head_dim); `norms` (QK RMSNorms, or None) and RoPE on q and k."""
+    q, k = (norm_rope_heads(a, norm, *rope) for a, norm in zip((q, k), norms))
+    return attention(q, k, v.transpose(0, 2, 1, 3))
 
 
 def _modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
@@ -169,7 +169,7 @@ class ParallelAttention(nn.Module):
     def __call__(self, x: mx.array, rope) -> mx.array:
         q, k, v, gate, value = mx.split(self.to_qkv_mlp_proj(x), self.splits, axis=-1)
         d = self.head_dim
-        out = _attend(self.norm_q(_heads(q, d)), self.norm_k(_heads(k, d)), _heads(v, d), rope)
+        out = _attend(_heads(q, d), _heads(k, d), _heads(v, d), rope, (self.norm_q, self.norm_k))
         return self.to_out(mx.concatenate([out, silu_mul(gate, value)], axis=-1))
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..cache import run_blocks
 from ..loading import load_component
-from ..nn import RMSNorm, apply_rope, attention, layer_norm, rope_tables, silu_mul, timestep_embedding
+from ..nn import RMSNorm, attention, layer_norm, norm_rope_heads, rope_tables, silu_mul, timestep_embedding
 
 SEQ_MULTIPLE = 32  # every token sequence is padded to a multiple of this
 ADALN_DIM = 256  # width of the timestep conditioning
@@ -71,11 +71,9 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, rope: tuple[mx.array, mx.array], mask: mx.array | None) -> mx.array:
         batch, length, _ = x.shape
         q, k, v = (proj(x).reshape(batch, length, self.heads, -1) for proj in (self.to_q, self.to_k, self.to_v))
-        if "norm_q" in self:
-            q, k = self.norm_q(q), self.norm_k(k)
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.to_out[0](attention(q, k, v, mask))
+        norms = (self.norm_q, self.norm_k) if "norm_q" in self else (None, None)
+        q, k = (norm_rope_heads(a, norm, *rope) for a, norm in zip((q, k), norms))
+        return self.to_out[0](attention(q, k, v.transpose(0, 2, 1, 3), mask))
 
 
 class FeedForward(nn.Module):

@@ -1,8 +1,10 @@
 /* Float32 kernels for MLX's CPU backend, where its exp is scalar: softmax attention (the matmuls go to the BLAS
  * MLX uses, cblas_sgemm passed in by the caller; the softmax between them is one vectorised pass per row, over a
- * cache-sized block of scores that MLX's graph would write several times) and SiLU / SwiGLU.
+ * cache-sized block of scores that MLX's graph would write several times), SiLU / SwiGLU, and RMSNorm + RoPE of
+ * attention heads.
  * Built at run time by mlximg/nn/native.py; see there for when they are used. */
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -112,6 +114,40 @@ extern "C" VECTOR_CLONES void silu_mul_f32(const float *gate, const float *value
         float y = (x / (1.0f + exp_clamped(-x)))[0];
         out[i] = value ? y * value[i] : y;
     }
+}
+
+/* out = RoPE(rms_norm(x) * weight) for x of (batch, length, heads, d): head rows of d contiguous values, heads
+ * side by side, x_strides[0] / [1] elements between batches / positions; out contiguous. Each head row is
+ * normalised (skipped where weight is NULL) and its channel pairs (2i, 2i+1) rotated by the angle whose cos and
+ * sin are at cos / sin + b * table_batch_stride + position * d / 2 + i. */
+extern "C" VECTOR_CLONES void rms_norm_rope_f32(const float *x, const int64_t *x_strides, const float *weight,
+                                                float eps, const float *cos, const float *sin,
+                                                int64_t table_batch_stride, float *out, int batch, int length,
+                                                int heads, int d) {
+    for (int b = 0; b < batch; b++)
+        for (int position = 0; position < length; position++) {
+            const float *c = cos + b * table_batch_stride + (int64_t)position * (d / 2);
+            const float *s = sin + b * table_batch_stride + (int64_t)position * (d / 2);
+            for (int h = 0; h < heads; h++) {
+                const float *row = x + b * x_strides[0] + position * x_strides[1] + (int64_t)h * d;
+                float *o = out + (((int64_t)b * length + position) * heads + h) * d;
+                float scale = 1.0f;
+                if (weight) {
+                    float squares = 0.0f;
+                    for (int i = 0; i < d; i++) squares += row[i] * row[i];
+                    scale = 1.0f / sqrtf(squares / d + eps);
+                }
+                for (int i = 0; i < d / 2; i++) {
+                    float real = row[2 * i] * scale, imag = row[2 * i + 1] * scale;
+                    if (weight) {
+                        real *= weight[2 * i];
+                        imag *= weight[2 * i + 1];
+                    }
+                    o[2 * i] = real * c[i] - imag * s[i];
+                    o[2 * i + 1] = real * s[i] + imag * c[i];
+                }
+            }
+        }
 }
 
 /* out = softmax(q k^T scale + mask) v for every batch b and head h. q: (nq, d) rows at q + b*q_strides[0] +

@@ -67,6 +67,7 @@ def _build(compiler: str) -> Path:
 class _Library:
     attention: ctypes._CFuncPtr
     silu_mul: ctypes._CFuncPtr
+    rms_norm_rope: ctypes._CFuncPtr
     sgemm: int  # cblas_sgemm's address in the OpenBLAS mlximg loaded
 
 
@@ -79,7 +80,12 @@ def _bind(path: Path, openblas: str) -> _Library:
     silu_mul = library.silu_mul_f32
     silu_mul.restype = None
     silu_mul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64]
-    return _Library(attention, silu_mul, ctypes.cast(ctypes.CDLL(openblas).cblas_sgemm, ctypes.c_void_p).value)
+    rms_norm_rope = library.rms_norm_rope_f32
+    rms_norm_rope.restype = None
+    rms_norm_rope.argtypes = [ctypes.c_void_p, _Strides, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_void_p] * 2 + [
+        ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int] * 4
+    sgemm = ctypes.cast(ctypes.CDLL(openblas).cblas_sgemm, ctypes.c_void_p).value
+    return _Library(attention, silu_mul, rms_norm_rope, sgemm)
 
 
 @lru_cache(maxsize=None)
@@ -208,3 +214,35 @@ def silu_mul(gate: mx.array, value: mx.array | None, differentiable) -> mx.array
     if value is None:
         return _with_gradients_of(differentiable, lambda gate: _silu_mul_forward(gate, None))(gate)
     return _with_gradients_of(differentiable, _silu_mul_forward)(gate, value)
+
+
+def supports_norm_rope(x: mx.array, cos: mx.array) -> bool:
+    """Whether `rms_norm_rope` can take x (B, N, heads, D) and tables (B or 1, 1, N, D / 2)."""
+    batch, length, _, head_dim = x.shape
+    return (cos.ndim == 4 and cos.shape[0] in (1, batch) and cos.shape[1:] == (1, length, head_dim // 2)
+            and head_dim % 2 == 0 and applies(x, cos))
+
+
+def _norm_rope_forward(x: mx.array, weight: mx.array | None, eps: float, cos: mx.array, sin: mx.array) -> mx.array:
+    mx.eval(x, cos, sin) if weight is None else mx.eval(x, weight, cos, sin)
+    host = np.array(x, copy=False)
+    batch, length, heads, head_dim = host.shape
+    if host.strides[2:] != (head_dim * 4, 4):  # head rows must be contiguous and side by side
+        host = np.ascontiguousarray(host)
+    cos_host, sin_host = (np.ascontiguousarray(np.array(a, copy=False)) for a in (cos, sin))
+    weight_host = None if weight is None else np.ascontiguousarray(np.array(weight, copy=False))
+    result, out = _output(host.shape)
+    _library().rms_norm_rope(
+        host.ctypes.data, _Strides(*(s // 4 for s in host.strides[:3])),
+        None if weight_host is None else weight_host.ctypes.data, eps, cos_host.ctypes.data, sin_host.ctypes.data,
+        0 if cos_host.shape[0] == 1 else length * head_dim // 2, out.ctypes.data, batch, length, heads, head_dim)
+    return result
+
+
+def rms_norm_rope(x: mx.array, weight: mx.array | None, eps: float, cos: mx.array, sin: mx.array,
+                  differentiable) -> mx.array:
+    """RMSNorm (x / rms * weight; none where weight is None) then RoPE of x (B, N, heads, D), in that layout, by
+    the kernel (call `supports_norm_rope` first). Gradients for x and weight are `differentiable(x[, weight])`'s."""
+    if weight is None:
+        return _with_gradients_of(differentiable, lambda x: _norm_rope_forward(x, None, eps, cos, sin))(x)
+    return _with_gradients_of(differentiable, lambda x, w: _norm_rope_forward(x, w, eps, cos, sin))(x, weight)

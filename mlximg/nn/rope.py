@@ -6,6 +6,8 @@ Tables are built once per run on the host from integer positions and reused by e
 import mlx.core as mx
 import numpy as np
 
+from . import native
+
 
 def rope_tables(
     positions: np.ndarray, axes_dims: tuple[int, ...], theta: float, *, float32_angles: bool = False
@@ -34,3 +36,20 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = mx.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
     return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def norm_rope_heads(x: mx.array, norm, cos: mx.array, sin: mx.array) -> mx.array:
+    """`norm` (an RMSNorm over the head dim, or None) then RoPE of x (B, N, heads, D), returned as (B, heads, N, D)
+    for attention; tables (B or 1, 1, N, D / 2). One pass of the CPU kernel where it applies."""
+    weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+
+    def tokens_first(x, weight=None):  # the same in MLX ops, in x's layout
+        if weight is not None:
+            x = mx.fast.rms_norm(x, weight, eps)
+        return apply_rope(x.transpose(0, 2, 1, 3), cos, sin).transpose(0, 2, 1, 3)
+
+    if native.supports_norm_rope(x, cos):
+        out = native.rms_norm_rope(x, weight, eps, cos, sin, tokens_first)
+    else:
+        out = tokens_first(x, weight)
+    return out.transpose(0, 2, 1, 3)
