@@ -1,15 +1,17 @@
-"""Compiled float32 kernels for MLX's CPU backend (cpu_kernels.cpp): softmax attention and SiLU / SwiGLU.
+"""Compiled float32 kernels for MLX's CPU backend (cpu_kernels.cpp): softmax attention, SiLU / SwiGLU, and the
+attention heads' RMSNorm + RoPE.
 
-MLX has no fused CPU attention: its graph writes the N x N scores several times and its exp is scalar, so attention
-and SwiGLU were most of a denoising step's non-matmul time here. The attention kernel keeps MLX's BLAS for the two
-matmuls and does the softmax in one vectorised pass over cache-sized blocks (2-2.5x faster than torch's CPU
-attention, docs/MEASUREMENTS.md); SiLU is one vectorised pass. The library is compiled with g++ (which MLX's own CPU compiler also calls) into a cache folder keyed by the source and compiler,
-and used on Linux when mlximg preloaded OpenBLAS (its cblas_sgemm is handed to the kernel). Where any of that is
-missing, `attention` returns None and callers keep the MLX path; `status()` says why.
+MLX has no fused CPU attention (its graph writes the N x N scores several times) and its CPU exp is scalar, so
+attention and SwiGLU were most of a denoising step's non-matmul time here. The attention kernel keeps MLX's BLAS
+for the two matmuls and does the softmax in one vectorised pass over cache-sized blocks (faster than torch's CPU
+attention, docs/MEASUREMENTS.md); the others are one vectorised pass each. The library is compiled with g++ (which
+MLX's own CPU compiler also calls) into a cache folder keyed by the source and compiler, and used on Linux when
+mlximg preloaded OpenBLAS (whose cblas_sgemm is handed to the attention kernel). Where any of that is missing,
+`applies` is False and callers keep their MLX ops; `status()` says why. MLXIMG_NATIVE=0 turns the kernels off.
 
-The kernel runs outside MLX's graph: the inputs are evaluated first (a host synchronisation, harmless on the CPU,
-whose work runs in order anyway) and the result comes back as a new array. Gradients come from the MLX path
-(custom_function vjp), so training through it stays exact.
+The kernels run outside MLX's graph: their inputs are evaluated first (a host synchronisation, harmless on the
+CPU, whose work runs in order anyway) and the result is a new array. Gradients come from the caller's MLX version
+of the same function (a custom_function vjp), so training through them stays exact.
 """
 
 import ctypes
@@ -117,7 +119,7 @@ def applies(*arrays: mx.array) -> bool:
 
 
 def status() -> str:
-    """Whether the kernel is in use, in words."""
+    """Whether the kernels are in use, in words."""
     return ("in use: " if _library() else "not used: ") + _reason["text"]
 
 
@@ -125,6 +127,10 @@ def _host_view(a: mx.array) -> np.ndarray:
     """A NumPy view of an evaluated array (a copy only if its last axis is not contiguous)."""
     view = np.array(a, copy=False)
     return view if view.strides[-1] == view.itemsize else np.ascontiguousarray(view)
+
+
+def _host_contiguous(a: mx.array) -> np.ndarray:
+    return np.ascontiguousarray(np.array(a, copy=False))
 
 
 def _output(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
@@ -137,6 +143,19 @@ def _output(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
 
 def _element_strides(a: np.ndarray) -> ctypes.Array:
     return _Strides(*(s // a.itemsize for s in a.strides[:3]))
+
+
+def _with_gradients_of(differentiable, forward):
+    """`forward` as an MLX function whose vjp is `differentiable`'s."""
+    kernel = mx.custom_function(forward)
+
+    @kernel.vjp
+    def kernel_vjp(primals, cotangent, _):
+        primals = list(primals) if isinstance(primals, (tuple, list)) else [primals]  # one input comes bare
+        gradients = mx.vjp(differentiable, primals, [cotangent])[1]
+        return tuple(gradients) if len(gradients) > 1 else gradients[0]
+
+    return kernel
 
 
 def _key_valid(mask: mx.array | None, batch: int, keys: int) -> np.ndarray | None:
@@ -186,26 +205,13 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, key_mask: mx.
 
 
 def _silu_mul_forward(gate: mx.array, value: mx.array | None) -> mx.array:
-    mx.eval(gate, value) if value is not None else mx.eval(gate)
-    gate_host = np.ascontiguousarray(np.array(gate, copy=False))
-    value_host = None if value is None else np.ascontiguousarray(np.array(value, copy=False))
+    mx.eval(*(a for a in (gate, value) if a is not None))
+    gate_host = _host_contiguous(gate)
+    value_host = None if value is None else _host_contiguous(value)
     result, out = _output(gate_host.shape)
     _library().silu_mul(gate_host.ctypes.data, None if value is None else value_host.ctypes.data, out.ctypes.data,
                         out.size)
     return result
-
-
-def _with_gradients_of(differentiable, forward):
-    """`forward` as an MLX function whose vjp is `differentiable`'s."""
-    kernel = mx.custom_function(forward)
-
-    @kernel.vjp
-    def kernel_vjp(primals, cotangent, _):
-        primals = list(primals) if isinstance(primals, (tuple, list)) else [primals]  # one input comes bare
-        gradients = mx.vjp(differentiable, primals, [cotangent])[1]
-        return tuple(gradients) if len(gradients) > 1 else gradients[0]
-
-    return kernel
 
 
 def silu_mul(gate: mx.array, value: mx.array | None, differentiable) -> mx.array:
@@ -224,16 +230,16 @@ def supports_norm_rope(x: mx.array, cos: mx.array) -> bool:
 
 
 def _norm_rope_forward(x: mx.array, weight: mx.array | None, eps: float, cos: mx.array, sin: mx.array) -> mx.array:
-    mx.eval(x, cos, sin) if weight is None else mx.eval(x, weight, cos, sin)
+    mx.eval(*(a for a in (x, weight, cos, sin) if a is not None))
     host = np.array(x, copy=False)
     batch, length, heads, head_dim = host.shape
     if host.strides[2:] != (head_dim * 4, 4):  # head rows must be contiguous and side by side
         host = np.ascontiguousarray(host)
-    cos_host, sin_host = (np.ascontiguousarray(np.array(a, copy=False)) for a in (cos, sin))
-    weight_host = None if weight is None else np.ascontiguousarray(np.array(weight, copy=False))
+    cos_host, sin_host = _host_contiguous(cos), _host_contiguous(sin)
+    weight_host = None if weight is None else _host_contiguous(weight)
     result, out = _output(host.shape)
     _library().rms_norm_rope(
-        host.ctypes.data, _Strides(*(s // 4 for s in host.strides[:3])),
+        host.ctypes.data, _element_strides(host),
         None if weight_host is None else weight_host.ctypes.data, eps, cos_host.ctypes.data, sin_host.ctypes.data,
         0 if cos_host.shape[0] == 1 else length * head_dim // 2, out.ctypes.data, batch, length, heads, head_dim)
     return result
