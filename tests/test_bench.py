@@ -1,4 +1,5 @@
-"""scripts/bench.py --quick: both engines run on tiny models of both families and the ratio table comes out."""
+"""scripts/bench.py --quick: both engines run on tiny models of both families and the ratio table comes out;
+scripts/kernel_bench.py times every op on every engine."""
 
 import json
 import re
@@ -6,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+import pytest
+
+from mlximg.nn import native
 from oracle import require_oracle
 
 BENCH = Path(__file__).parents[1] / "scripts" / "bench.py"
@@ -30,3 +35,15 @@ def test_quick_bench_prints_both_engines_and_ratios(tmp_path):
         assert set(entry["summary"]) == {"mlximg", "diffusers"}
         assert entry["step_flops"] > 0
         assert all(engine["peak_mib"] > 0 for engine in entry["summary"].values())
+
+
+def test_kernel_bench_prints_every_op_for_every_engine():
+    require_oracle()
+    if not native.applies(mx.zeros(1)):
+        pytest.skip(f"the CPU kernels are not in use: {native.status()}")
+    result = subprocess.run([sys.executable, str(BENCH.with_name("kernel_bench.py")), "--lengths=64", "--reps=1",
+                             "--threads=1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    assert [row[-5] for row in rows] == ["64"] * 3, result.stdout
+    assert all(float(value) > 0 for row in rows for value in row[-4:]), result.stdout

@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..loading import load_component
-from ..nn import attention, silu
+from ..nn import attention, native, silu
 
 _DOWN_BLOCKS = ("DownEncoderBlock2D",)
 _UP_BLOCKS = ("UpDecoderBlock2D",)
@@ -96,7 +96,8 @@ def validate_blocks(config, name: str) -> None:
 
 
 class GroupNorm(nn.Module):
-    """GroupNorm over the channels of NHWC input, PyTorch's channel grouping, statistics in float32.
+    """GroupNorm over the channels of NHWC input, PyTorch's channel grouping. On the CPU in float32, native.py's
+    kernel (double accumulators); elsewhere the MLX ops below, statistics in float32:
 
     mlx's float32 sums accumulate sequentially: over the ~4M values of a group of a 1024x1024 decode that is a
     ~5e-4 relative error in the variance. Summing channels, then columns, then rows keeps each run short (torch
@@ -111,14 +112,25 @@ class GroupNorm(nn.Module):
         self.weight = mx.ones((dims,))
         self.bias = mx.zeros((dims,))
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, then_silu: bool = False) -> mx.array:
+        """GroupNorm of x (B, H, W, C), followed by SiLU if `then_silu` (one pass of native.py's kernel)."""
+
+        def in_mlx(x, weight, bias):
+            out = self._normalize(x, weight, bias)
+            return silu(out) if then_silu else out
+
+        if native.applies(x, self.weight, self.bias):
+            return native.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, then_silu, in_mlx)
+        return in_mlx(x, self.weight, self.bias)
+
+    def _normalize(self, x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
         batch, height, width, channels = x.shape
         values = x.reshape(batch, height, width, self.num_groups, -1).astype(mx.float32)
         mean = _group_mean(values)
         var = _group_mean(mx.square(values - mean))
         affine_shape = values.shape[3:]
-        scale = mx.rsqrt(var + self.eps) * self.weight.astype(mx.float32).reshape(affine_shape)
-        shift = self.bias.astype(mx.float32).reshape(affine_shape) - mean * scale
+        scale = mx.rsqrt(var + self.eps) * weight.astype(mx.float32).reshape(affine_shape)
+        shift = bias.astype(mx.float32).reshape(affine_shape) - mean * scale
         return (values * scale + shift).astype(x.dtype).reshape(x.shape)
 
 
@@ -152,19 +164,26 @@ def _shifted_conv3x3(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
 
 
 class Conv3x3(nn.Conv2d):
-    """nn.Conv2d(kernel 3, padding 1). On the CPU in float32 it runs as `_shifted_conv3x3`: mlx's CPU conv2d
-    unfolds its input (9x its size; 9 GiB for one layer of a 1024x1024 decode), this needs the padded input
-    only. Half precision keeps conv2d: nine addmm would round the running sum to half precision nine times."""
+    """nn.Conv2d(kernel 3, padding 1). On the CPU in float32 it runs as native.py's kernel (bands of unfolded rows,
+    one matmul each), or where that is not built as `_shifted_conv3x3`: mlx's CPU conv2d unfolds its whole input
+    (9x its size; 9 GiB for one layer of a 1024x1024 decode), this needs the padded input only. Half precision
+    keeps conv2d: nine addmm would round the running sum to half precision nine times."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if native.applies(x, self.weight, self.bias):
+            return native.conv3x3(x, self.weight, self.bias, self._in_mlx)
+        return self._in_mlx(x, self.weight, self.bias)
+
+    @staticmethod
+    def _in_mlx(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
         shifted = (x.shape[-1] >= _SHIFTED_CONV_MIN_CHANNELS and x.shape[1] * x.shape[2] >= _SHIFTED_CONV_MIN_PIXELS
                    and x.dtype == mx.float32)
         if not shifted or mx.default_device() != mx.cpu:
-            return super().__call__(x)
-        return _shifted_conv3x3(x, self.weight, self.bias)
+            return mx.conv2d(x, weight, padding=1) + bias
+        return _shifted_conv3x3(x, weight, bias)
 
 
 class ResnetBlock2D(nn.Module):
@@ -178,8 +197,8 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = nn.Linear(in_channels, out_channels)  # a 1x1 conv
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(silu(self.norm1(x)))
-        h = self.conv2(silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, then_silu=True))
+        h = self.conv2(self.norm2(h, then_silu=True))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h
@@ -280,7 +299,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, then_silu=True))
 
 
 class Decoder(nn.Module):
@@ -301,7 +320,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, then_silu=True))
 
 
 def _blend(previous: mx.array, tile: mx.array, extent: int, axis: int) -> mx.array:

@@ -1,7 +1,7 @@
 /* Float32 kernels for MLX's CPU backend, where its exp is scalar: softmax attention (the matmuls go to the BLAS
  * MLX uses, cblas_sgemm passed in by the caller; the softmax between them is one vectorised pass per row, over a
- * cache-sized block of scores that MLX's graph would write several times), SiLU / SwiGLU, and RMSNorm + RoPE of
- * attention heads.
+ * cache-sized block of scores that MLX's graph would write several times), SiLU / SwiGLU, RMSNorm + RoPE of
+ * attention heads, 3x3 convolutions (one BLAS matmul per band of unfolded rows) and GroupNorm (+ SiLU).
  * Built at run time by mlximg/nn/native.py; see there for when they are used. */
 
 #include <math.h>
@@ -13,6 +13,7 @@ typedef void (*sgemm_fn)(int order, int trans_a, int trans_b, int m, int n, int 
                          int lda, const float *b, int ldb, float beta, float *c, int ldc);
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 enum { QUERY_BLOCK = 256 };  /* rows of scores per block: 256 x 4128 keys = 4 MB, cache-sized */
+enum { CONV_BAND_VALUES = 1 << 18 };  /* unfolded convolution input per matmul (at least one image row): 1 MB */
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -148,6 +149,103 @@ extern "C" VECTOR_CLONES void rms_norm_rope_f32(const float *x, const int64_t *x
                 }
             }
         }
+}
+
+/* out = GroupNorm(x) * weight + bias, then SiLU if `silu`; x and out: (batch, pixels, channels) contiguous, the
+ * channels in `groups` consecutive groups. Statistics per (sample, group) are two-pass (mean, then mean squared
+ * deviation) with double accumulators: float32 running sums over the millions of values of a group would lose
+ * digits. Returns 0, or -1 out of memory. */
+extern "C" VECTOR_CLONES int group_norm_f32(const float *x, const float *weight, const float *bias, float *out,
+                                            int batch, int64_t pixels, int channels, int groups, float eps,
+                                            int silu) {
+    double *sums = (double *)malloc(sizeof(double) * channels);
+    float *scale = (float *)malloc(sizeof(float) * channels), *shift = (float *)malloc(sizeof(float) * channels);
+    if (!sums || !scale || !shift) {
+        free(sums), free(scale), free(shift);
+        return -1;
+    }
+    int per_group = channels / groups;
+    double count = (double)pixels * per_group;
+    for (int b = 0; b < batch; b++) {
+        const float *image = x + (int64_t)b * pixels * channels;
+        float *o = out + (int64_t)b * pixels * channels;
+        memset(sums, 0, sizeof(double) * channels);
+        for (int64_t p = 0; p < pixels; p++)
+            for (int c = 0; c < channels; c++) sums[c] += image[p * channels + c];
+        for (int g = 0; g < groups; g++) {  /* the group's mean, per channel in scale[] for the second pass */
+            double total = 0.0;
+            for (int c = g * per_group; c < (g + 1) * per_group; c++) total += sums[c];
+            for (int c = g * per_group; c < (g + 1) * per_group; c++) scale[c] = (float)(total / count);
+        }
+        memset(sums, 0, sizeof(double) * channels);
+        for (int64_t p = 0; p < pixels; p++)
+            for (int c = 0; c < channels; c++) {
+                double deviation = (double)image[p * channels + c] - scale[c];
+                sums[c] += deviation * deviation;
+            }
+        for (int g = 0; g < groups; g++) {
+            double total = 0.0;
+            for (int c = g * per_group; c < (g + 1) * per_group; c++) total += sums[c];
+            float inv_std = (float)(1.0 / sqrt(total / count + eps));
+            for (int c = g * per_group; c < (g + 1) * per_group; c++) {
+                float mean = scale[c];
+                scale[c] = inv_std * weight[c];
+                shift[c] = bias[c] - mean * scale[c];
+            }
+        }
+        for (int64_t p = 0; p < pixels; p++) {
+            const float *row = image + p * channels;
+            float *o_row = o + p * channels;
+            int c = 0;
+            for (; c + LANES <= channels; c += LANES) {
+                floats y = load(row + c) * load(scale + c) + load(shift + c);
+                store(o_row + c, silu ? y / (1.0f + exp_clamped(-y)) : y);
+            }
+            for (; c < channels; c++) {
+                floats y = floats{};
+                y[0] = row[c] * scale[c] + shift[c];
+                o_row[c] = (silu ? y / (1.0f + exp_clamped(-y)) : y)[0];
+            }
+        }
+    }
+    free(sums), free(scale), free(shift);
+    return 0;
+}
+
+/* out = 3x3 convolution (stride 1, zero padding 1) of x plus bias; x: (batch, height, width, c_in), out: (batch,
+ * height, width, c_out), weight: (c_out, 3, 3, c_in) as MLX stores it, all contiguous. Bands of output rows are
+ * unfolded into a cache-sized (pixels, 9 c_in) buffer and multiplied by the weight in one matmul each: a longer
+ * inner dimension than nine per-tap matmuls, and the output written once. Returns 0, or -1 out of memory. */
+extern "C" int conv3x3_f32(sgemm_fn sgemm, const float *x, const float *weight, const float *bias, float *out,
+                           int batch, int height, int width, int c_in, int c_out) {
+    int k = 9 * c_in;
+    int band = CONV_BAND_VALUES / (width * k);
+    band = band < 1 ? 1 : (band > height ? height : band);
+    float *unfolded = (float *)malloc(sizeof(float) * (size_t)band * width * k);
+    if (!unfolded) return -1;
+    for (int b = 0; b < batch; b++) {
+        const float *image = x + (int64_t)b * height * width * c_in;
+        for (int top = 0; top < height; top += band) {
+            int rows = height - top < band ? height - top : band;
+            float *column = unfolded;
+            for (int y = top; y < top + rows; y++)
+                for (int x_out = 0; x_out < width; x_out++)
+                    for (int dy = -1; dy <= 1; dy++)
+                        for (int dx = -1; dx <= 1; dx++, column += c_in) {
+                            int source_y = y + dy, source_x = x_out + dx;
+                            if (source_y < 0 || source_y >= height || source_x < 0 || source_x >= width)
+                                memset(column, 0, sizeof(float) * c_in);
+                            else
+                                memcpy(column, image + ((int64_t)source_y * width + source_x) * c_in,
+                                       sizeof(float) * c_in);
+                        }
+            float *o = out + (((int64_t)b * height + top) * width) * c_out;
+            for (int p = 0; p < rows * width; p++) memcpy(o + (int64_t)p * c_out, bias, sizeof(float) * c_out);
+            sgemm(ROW_MAJOR, NO_TRANS, TRANS, rows * width, c_out, k, 1.0f, unfolded, k, weight, k, 1.0f, o, c_out);
+        }
+    }
+    free(unfolded);
+    return 0;
 }
 
 /* out = softmax(q k^T scale + mask) v for every batch b and head h. q: (nq, d) rows at q + b*q_strides[0] +

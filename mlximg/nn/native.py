@@ -1,10 +1,11 @@
-"""Compiled float32 kernels for MLX's CPU backend (cpu_kernels.cpp): softmax attention, SiLU / SwiGLU, and the
-attention heads' RMSNorm + RoPE.
+"""Compiled float32 kernels for MLX's CPU backend (cpu_kernels.cpp): softmax attention, SiLU / SwiGLU, the
+attention heads' RMSNorm + RoPE, and the VAE's 3x3 convolutions and GroupNorm (+ SiLU).
 
 MLX has no fused CPU attention (its graph writes the N x N scores several times) and its CPU exp is scalar, so
 attention and SwiGLU were most of a denoising step's non-matmul time here. The attention kernel keeps MLX's BLAS
 for the two matmuls and does the softmax in one vectorised pass over cache-sized blocks (faster than torch's CPU
-attention, docs/MEASUREMENTS.md); the others are one vectorised pass each. The library is compiled with g++ (which
+attention, docs/MEASUREMENTS.md); the convolution unfolds bands of rows into a cache-sized buffer for one BLAS
+matmul each (MLX's CPU conv2d unfolds the whole input); the others are one vectorised pass each. The library is compiled with g++ (which
 MLX's own CPU compiler also calls) into a cache folder keyed by the source and compiler, and used on Linux when
 mlximg preloaded OpenBLAS (whose cblas_sgemm is handed to the attention kernel). Where any of that is missing,
 `applies` is False and callers keep their MLX ops; `status()` says why. MLXIMG_NATIVE=0 turns the kernels off.
@@ -70,6 +71,8 @@ class _Library:
     attention: ctypes._CFuncPtr
     silu_mul: ctypes._CFuncPtr
     rms_norm_rope: ctypes._CFuncPtr
+    conv3x3: ctypes._CFuncPtr
+    group_norm: ctypes._CFuncPtr
     sgemm: int  # cblas_sgemm's address in the OpenBLAS mlximg loaded
 
 
@@ -86,8 +89,15 @@ def _bind(path: Path, openblas: str) -> _Library:
     rms_norm_rope.restype = None
     rms_norm_rope.argtypes = [ctypes.c_void_p, _Strides, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_void_p] * 2 + [
         ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int] * 4
+    conv3x3 = library.conv3x3_f32
+    conv3x3.restype = ctypes.c_int
+    conv3x3.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
+    group_norm = library.group_norm_f32
+    group_norm.restype = ctypes.c_int
+    group_norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                                                   ctypes.c_float, ctypes.c_int]
     sgemm = ctypes.cast(ctypes.CDLL(openblas).cblas_sgemm, ctypes.c_void_p).value
-    return _Library(attention, silu_mul, rms_norm_rope, sgemm)
+    return _Library(attention, silu_mul, rms_norm_rope, conv3x3, group_norm, sgemm)
 
 
 @lru_cache(maxsize=None)
@@ -252,3 +262,43 @@ def rms_norm_rope(x: mx.array, weight: mx.array | None, eps: float, cos: mx.arra
     if weight is None:
         return _with_gradients_of(differentiable, lambda x: _norm_rope_forward(x, None, eps, cos, sin))(x)
     return _with_gradients_of(differentiable, lambda x, w: _norm_rope_forward(x, w, eps, cos, sin))(x, weight)
+
+
+def _conv3x3_forward(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+    mx.eval(x, weight, bias)
+    x_host, weight_host, bias_host = (_host_contiguous(a) for a in (x, weight, bias))
+    batch, height, width, c_in = x_host.shape
+    result, out = _output((batch, height, width, weight.shape[0]))
+    library = _library()
+    code = library.conv3x3(library.sgemm, x_host.ctypes.data, weight_host.ctypes.data, bias_host.ctypes.data,
+                           out.ctypes.data, batch, height, width, c_in, weight.shape[0])
+    if code != 0:
+        raise MemoryError("the CPU convolution kernel could not allocate its unfolded band")
+    return result
+
+
+def conv3x3(x: mx.array, weight: mx.array, bias: mx.array, differentiable) -> mx.array:
+    """A 3x3 convolution, stride 1, zero padding 1, of x (B, H, W, C_in) by weight (C_out, 3, 3, C_in) plus bias
+    (C_out,), by the kernel (call `applies` first). Gradients are `differentiable(x, weight, bias)`'s."""
+    return _with_gradients_of(differentiable, _conv3x3_forward)(x, weight, bias)
+
+
+def _group_norm_forward(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float,
+                        silu: bool) -> mx.array:
+    mx.eval(x, weight, bias)
+    x_host, weight_host, bias_host = (_host_contiguous(a) for a in (x, weight, bias))
+    result, out = _output(x_host.shape)
+    code = _library().group_norm(x_host.ctypes.data, weight_host.ctypes.data, bias_host.ctypes.data,
+                                 out.ctypes.data, x_host.shape[0], x_host[0, ..., 0].size, x_host.shape[-1], groups,
+                                 eps, int(silu))
+    if code != 0:
+        raise MemoryError("the CPU GroupNorm kernel could not allocate its statistics")
+    return result
+
+
+def group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: float, silu: bool,
+               differentiable) -> mx.array:
+    """GroupNorm of x (B, ..., C) over everything but the batch and channel groups, times weight plus bias (C,),
+    then SiLU if `silu`, by the kernel (call `applies` first). Gradients are `differentiable(x, weight, bias)`'s."""
+    return _with_gradients_of(differentiable, lambda x, w, b: _group_norm_forward(x, w, b, groups, eps, silu))(
+        x, weight, bias)
