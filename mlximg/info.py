@@ -1,4 +1,5 @@
-"""What `mlximg info` reports: the backend, device, dtype policy, FP8 execution path, BLAS, CPU attention kernel and library versions."""
+"""What `mlximg info` reports: the backend, device, dtype policy, FP8 execution path, BLAS, CPU kernels and library
+versions."""
 
 import platform
 from importlib.metadata import PackageNotFoundError, version
@@ -37,5 +38,5 @@ def info() -> dict[str, str]:
         "compute dtype": dtype_name(compute_dtype()),
         "fp8 path": _fp8_path(),
         "blas": blas_status() if backend() == "cpu" else f"n/a on {backend()} ({blas_status()} for CPU ops)",
-        "cpu attention": native.status() if backend() == "cpu" else f"n/a on {backend()}",
+        "cpu kernels": native.status() if backend() == "cpu" else f"n/a on {backend()}",
     }

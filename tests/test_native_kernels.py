@@ -269,7 +269,8 @@ def test_conv3x3_gradients_match_mlx_conv2d():
         return (run(x) * cotangent).sum()
 
     ours = mx.grad(loss, argnums=(0, 1, 2))(x, weight, bias, conv)
-    in_mlx = mx.grad(loss, argnums=(0, 1, 2))(x, weight, bias, lambda x: mx.conv2d(x, conv.weight, padding=1) + conv.bias)
+    in_mlx = mx.grad(loss, argnums=(0, 1, 2))(x, weight, bias,
+                                              lambda x: mx.conv2d(x, conv.weight, padding=1) + conv.bias)
     for name, a, b in zip(("x", "weight", "bias"), ours, in_mlx):
         assert_close(a, b, 1e-5, f"d{name}")
 

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import activations, base
 
-from ..nn import native, silu_mul
+from ..nn import merge_heads, native, silu_mul
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,7 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
         dense = mask.dense() if isinstance(mask, PaddedCausalMask) else mask
 
         def in_mlx(q, k, v):
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=dense)
-            return out.transpose(0, 2, 1, 3).reshape(*out.shape[:1], out.shape[2], -1)
+            return merge_heads(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=dense))
 
         out = native.attention(queries, keys, values, scale, key_mask, in_mlx, causal=causal)
         batch, length, heads = queries.shape[0], queries.shape[2], queries.shape[1]

@@ -7,7 +7,8 @@ import mlx.core as mx
 from . import cpu_math, native
 
 
-def _merge_heads(out: mx.array) -> mx.array:
+def merge_heads(out: mx.array) -> mx.array:
+    """(B, heads, N, head_dim) -> (B, N, heads * head_dim)."""
     batch, heads, length, head_dim = out.shape
     return out.transpose(0, 2, 1, 3).reshape(batch, length, heads * head_dim)
 
@@ -19,10 +20,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
     """
     scale = q.shape[-1] ** -0.5
     if not cpu_math.fast_math_applies(q):
-        return _merge_heads(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
+        return merge_heads(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
 
     def in_mlx(q, k, v):
-        return _merge_heads(cpu_math.attention(q, k, v, scale, mask))
+        return merge_heads(cpu_math.attention(q, k, v, scale, mask))
 
     if native.supports_attention(q, k, v, mask):
         return native.attention(q, k, v, scale, mask, in_mlx)

@@ -3,12 +3,13 @@ attention heads' RMSNorm + RoPE, and the VAE's 3x3 convolutions and GroupNorm (+
 
 MLX has no fused CPU attention (its graph writes the N x N scores several times) and its CPU exp is scalar, so
 attention and SwiGLU were most of a denoising step's non-matmul time here. The attention kernel keeps MLX's BLAS
-for the two matmuls and does the softmax in one vectorised pass over cache-sized blocks (faster than torch's CPU
-attention, docs/MEASUREMENTS.md); the convolution unfolds bands of rows into a cache-sized buffer for one BLAS
-matmul each (MLX's CPU conv2d unfolds the whole input); the others are one vectorised pass each. The library is compiled with g++ (which
-MLX's own CPU compiler also calls) into a cache folder keyed by the source and compiler, and used on Linux when
-mlximg preloaded OpenBLAS (whose cblas_sgemm is handed to the attention kernel). Where any of that is missing,
-`applies` is False and callers keep their MLX ops; `status()` says why. MLXIMG_NATIVE=0 turns the kernels off.
+for the two matmuls and does the softmax in one vectorised pass over cache-sized blocks (4-5x MLX's sdpa, 1.2-1.4x
+torch's fused CPU attention, docs/MEASUREMENTS.md); the convolution unfolds bands of rows into a cache-sized
+buffer for one BLAS matmul each (MLX's CPU conv2d unfolds the whole input); the others are one vectorised pass
+each. The library is compiled with g++ (which MLX's own CPU compiler also calls) into a cache folder keyed by the
+source and compiler, and used on Linux when mlximg preloaded OpenBLAS (whose cblas_sgemm the attention and
+convolution kernels call). Where any of that is missing, `applies` is False and callers keep their MLX ops;
+`status()` says why. MLXIMG_NATIVE=0 turns the kernels off.
 
 The kernels run outside MLX's graph: their inputs are evaluated first (a host synchronisation, harmless on the
 CPU, whose work runs in order anyway) and the result is a new array. Gradients come from the caller's MLX version
