@@ -46,6 +46,11 @@ static inline floats exp_clamped(floats x) {
     return p * (floats)bits;
 }
 
+static inline floats silu(floats x) { return x / (1.0f + exp_clamped(-x)); }
+
+/* f(x[0]) of a lane-wise f, for the scalar tail of a vector loop. */
+#define FIRST_LANE(f, value) (f((floats){value}))[0]
+
 static inline floats load(const float *p) {
     floats x;
     memcpy(&x, p, sizeof x);
@@ -105,14 +110,11 @@ static void softmax_rows(float *scores, int rows, int n, int ld, int limit_0, in
 extern "C" VECTOR_CLONES void silu_mul_f32(const float *gate, const float *value, float *out, int64_t n) {
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
-        floats x = load(gate + i);
-        floats y = x / (1.0f + exp_clamped(-x));
+        floats y = silu(load(gate + i));
         store(out + i, value ? y * load(value + i) : y);
     }
-    for (; i < n; i++) {  /* the tail, through a zero-padded vector */
-        floats x = floats{};
-        x[0] = gate[i];
-        float y = (x / (1.0f + exp_clamped(-x)))[0];
+    for (; i < n; i++) {
+        float y = FIRST_LANE(silu, gate[i]);
         out[i] = value ? y * value[i] : y;
     }
 }
@@ -151,13 +153,13 @@ extern "C" VECTOR_CLONES void rms_norm_rope_f32(const float *x, const int64_t *x
         }
 }
 
-/* out = GroupNorm(x) * weight + bias, then SiLU if `silu`; x and out: (batch, pixels, channels) contiguous, the
- * channels in `groups` consecutive groups. Statistics per (sample, group) are two-pass (mean, then mean squared
- * deviation) with double accumulators: float32 running sums over the millions of values of a group would lose
- * digits. Returns 0, or -1 out of memory. */
+/* out = GroupNorm(x) * weight + bias, then SiLU if `then_silu`; x and out: (batch, pixels, channels)
+ * contiguous, the channels in `groups` consecutive groups. Statistics per (sample, group) are two-pass (mean,
+ * then mean squared deviation) with double accumulators: float32 running sums over the millions of values of a
+ * group would lose digits. Returns 0, or -1 out of memory. */
 extern "C" VECTOR_CLONES int group_norm_f32(const float *x, const float *weight, const float *bias, float *out,
                                             int batch, int64_t pixels, int channels, int groups, float eps,
-                                            int silu) {
+                                            int then_silu) {
     double *sums = (double *)malloc(sizeof(double) * channels);
     float *scale = (float *)malloc(sizeof(float) * channels), *shift = (float *)malloc(sizeof(float) * channels);
     if (!sums || !scale || !shift) {
@@ -199,12 +201,11 @@ extern "C" VECTOR_CLONES int group_norm_f32(const float *x, const float *weight,
             int c = 0;
             for (; c + LANES <= channels; c += LANES) {
                 floats y = load(row + c) * load(scale + c) + load(shift + c);
-                store(o_row + c, silu ? y / (1.0f + exp_clamped(-y)) : y);
+                store(o_row + c, then_silu ? silu(y) : y);
             }
             for (; c < channels; c++) {
-                floats y = floats{};
-                y[0] = row[c] * scale[c] + shift[c];
-                o_row[c] = (silu ? y / (1.0f + exp_clamped(-y)) : y)[0];
+                float y = row[c] * scale[c] + shift[c];
+                o_row[c] = then_silu ? FIRST_LANE(silu, y) : y;
             }
         }
     }
