@@ -2,7 +2,8 @@
 
 from .loading import resolve_model
 from .manifests import FAMILY_DEFAULTS, Manifest, family_of, resolve
-from .pipelines.inputs import resolve_arguments
+from .pipelines.inputs import check_seed, resolve_arguments
+from .pipelines.limits import size_limits
 
 DEFAULT_MODEL = "z-image-turbo"
 
@@ -19,13 +20,14 @@ def _pipeline_class(family: str):
     raise ValueError(f"unsupported model family {family!r}")
 
 
-def check_arguments(model: str, *, width=None, height=None, steps=None, guidance=None) -> Manifest:
-    """Resolve `model` and validate the arguments against its defaults: cheap, before any download or load."""
+def check_arguments(model: str, *, width=None, height=None, steps=None, guidance=None, seed=None) -> Manifest:
+    """Resolve `model` and validate the arguments against its defaults and limits: cheap (no heavy import), before
+    any download or load."""
     manifest = resolve(model)
+    check_seed(seed)
     if manifest.family:  # an unknown repo id's family is known only once downloaded
         defaults = manifest.defaults or FAMILY_DEFAULTS[manifest.family]
-        multiple = _pipeline_class(manifest.family).size_multiple_of(manifest.path)
-        resolve_arguments(defaults, width, height, steps, guidance, multiple)
+        resolve_arguments(defaults, width, height, steps, guidance, size_limits(manifest.family, manifest.path))
     return manifest
 
 
@@ -36,7 +38,7 @@ def load(model: str = DEFAULT_MODEL, *, dtype=None, **pipeline_options):
     (quantize the transformer at load), fp8="matmul" | "dequantize" (the FP8 execution path).
     """
     manifest = resolve(model)
-    folder = manifest.path or resolve_model(manifest.repo, manifest.components or None)
+    folder = manifest.path or resolve_model(manifest.repo, manifest.components or None, manifest.download_gb)
     family = manifest.family or family_of(folder)
     defaults = manifest.defaults or FAMILY_DEFAULTS[family]
     return _pipeline_class(family)(folder, defaults=defaults, dtype=dtype, teacache_defaults=manifest.teacache,
@@ -54,7 +56,7 @@ def generate(prompt: str, *, model: str = DEFAULT_MODEL, width: int | None = Non
     TeaCacheConfig replaces them); `stepcache=True` (or a dict / StepCacheConfig) reuses middle blocks' residuals.
     image.info["parameters"]["forwards"] says how many forwards ran and were skipped.
     """
-    check_arguments(model, width=width, height=height, steps=steps, guidance=guidance)
+    check_arguments(model, width=width, height=height, steps=steps, guidance=guidance, seed=seed)
     pipeline = load(model, quantize=quantize, fp8=fp8)
     return pipeline.generate(prompt, width=width, height=height, steps=steps, guidance=guidance,
                              negative_prompt=negative_prompt, seed=seed, latents=latents, teacache=teacache,

@@ -1,11 +1,9 @@
 """The `mlximg` command line."""
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -19,33 +17,14 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def save_png(image, path: Path) -> None:
-    """Write atomically (a temporary file renamed into place), with the generation parameters as PNG text."""
-    from PIL.PngImagePlugin import PngInfo
-
-    metadata = PngInfo()
-    parameters = image.info.get("parameters", {})
-    metadata.add_text("parameters", json.dumps(parameters))
-    for key, value in parameters.items():
-        metadata.add_text(key, str(value))
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _generate(args: argparse.Namespace) -> int:
     from .api import check_arguments, load
+    from .output import check_output_path, save_image
 
     start = time.perf_counter()
-    check_arguments(args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance)
-    if not args.output.parent.is_dir():
-        raise FileNotFoundError(f"output folder {args.output.parent} does not exist")
+    check_arguments(args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
+                    seed=args.seed)
+    check_output_path(args.output)
     # Model-specific options go through only when given, so each pipeline sees the ones it has.
     options = {name: value for name, value in (
         ("cfg_truncation", args.cfg_truncation), ("cfg_normalization", args.cfg_normalization),
@@ -56,7 +35,7 @@ def _generate(args: argparse.Namespace) -> int:
         args.prompt, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
         negative_prompt=args.negative_prompt, seed=args.seed, progress=True, **_cache_options(args), **options,
     )
-    save_png(image, args.output)
+    save_image(image, args.output)
     print(pipeline.phases.table())
     print(forwards_line(image.info["parameters"]))
     print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s (seed {image.info['parameters']['seed']})")
@@ -111,7 +90,8 @@ def _add_generate(commands) -> None:
     p.add_argument("--quantize", choices=["fp8"], help="quantize the transformer to FP8 (mxfp8) at load")
     p.add_argument("--fp8", choices=["matmul", "dequantize"],
                    help="FP8 execution path (default: MLXIMG_FP8, else matmul on GPU, dequantize on CPU)")
-    p.add_argument("--output", "-o", type=Path, default=Path("out.png"))
+    p.add_argument("--output", "-o", type=Path, default=Path("out.png"),
+                   help="the image file: .png, .jpg or .webp (default out.png)")
     p.set_defaults(run=_generate)
 
 
@@ -123,10 +103,12 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _add_quantize(commands) -> None:
-    p = commands.add_parser("quantize", help="convert a diffusers model folder (or repo id) to FP8 (mxfp8)")
-    p.add_argument("src", help="a local diffusers folder or a Hugging Face repo id (never modified)")
+    p = commands.add_parser("quantize", help="convert a model (name, diffusers folder or repo id) to FP8 (mxfp8)")
+    p.add_argument("src", help="a model name (models/*.json), a local diffusers folder or a Hugging Face repo id "
+                               "(never modified)")
     p.add_argument("dst", type=Path, help="the output folder (refused if it exists, unless --force)")
-    p.add_argument("--force", action="store_true", help="replace an existing DST (only after success)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing DST that is an earlier model folder or empty (only after success)")
     p.add_argument("--text-encoder", action="store_true", help="quantize the text encoder's decoder layers too")
     p.set_defaults(run=_quantize)
 
@@ -141,13 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"mlximg: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a narrow terminal encoding must not fail a finished run
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    warnings.showwarning = _show_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, OSError) as error:  # FileNotFoundError, FileExistsError, a full disk, ...
         parser.exit(2, f"mlximg: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "mlximg: interrupted\n")
 
 
 if __name__ == "__main__":

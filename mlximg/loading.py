@@ -3,6 +3,7 @@
 Every check runs before a module is touched, so a bad checkpoint raises a clear error and loads nothing.
 """
 
+import errno
 import json
 import re
 import struct
@@ -11,6 +12,7 @@ from typing import Callable, Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .quant.execution import fp8_execution
 from .quant.float8 import float8_keys, fold_float8
@@ -26,8 +28,9 @@ def is_repo_id(text: str) -> bool:
     return bool(_REPO_ID.match(text))
 
 
-def resolve_model(model: str | Path, components: Iterable[str] | None = None) -> Path:
-    """A local folder as is; a repo id through the Hugging Face cache, downloading only `components`."""
+def resolve_model(model: str | Path, components: Iterable[str] | None = None, download_gb: float | None = None) -> Path:
+    """A local folder as is; a repo id through the Hugging Face cache, downloading only `components` (the
+    download's approximate size, `download_gb`, goes into the message when it cannot be had)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
@@ -35,37 +38,56 @@ def resolve_model(model: str | Path, components: Iterable[str] | None = None) ->
         raise FileNotFoundError(f"model {str(model)!r} is a file; expected a diffusers-layout folder")
     if not is_repo_id(str(model)):
         raise FileNotFoundError(f"model {str(model)!r}: no such folder, and not a Hugging Face repo id (owner/name)")
-    return _download(str(model), components)
+    from .hub import download
+
+    return download(str(model), components, download_gb)
 
 
-def _download(repo_id: str, components: Iterable[str] | None) -> Path:
-    from huggingface_hub import snapshot_download
-
-    patterns = None
-    if components is not None:
-        patterns = ["model_index.json", *(f"{name}/*" for name in components)]
+def broken_link(path: Path) -> str | None:
+    """'a symlink loop' or 'a dangling symlink' when `path` is a symlink that leads nowhere, else None."""
+    if not path.is_symlink() or path.exists():
+        return None
     try:
-        # The cache first, so a downloaded model works offline.
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        pass
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as error:
-        raise FileNotFoundError(f"model {repo_id!r}: not in the local cache and the download failed: {error}") from error
+        path.resolve(strict=True)
+    except RuntimeError:  # Python's word for a loop before 3.13
+        return "a symlink loop"
+    except OSError as error:
+        return "a symlink loop" if error.errno == errno.ELOOP else "a dangling symlink"
+    return None
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path):
+    path = Path(path)
+    if (link := broken_link(path)) is not None:
+        raise FileNotFoundError(f"{path} is {link}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; expected a JSON file")
     if not path.is_file():
         raise FileNotFoundError(f"missing file {path}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (configs, model_index.json)."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def check_json_files(folder: Path) -> None:
+    """Every JSON file of a folder (a tokenizer's) parses, so a corrupt one is named before any heavy import."""
+    for path in sorted(Path(folder).glob("*.json")):
+        read_json(path)
 
 
 def component_dir(model_dir: Path, component: str) -> Path:
     folder = Path(model_dir) / component
+    if (link := broken_link(folder)) is not None:
+        raise FileNotFoundError(f"{model_dir}: component folder {component!r} is {link}")
     if not folder.is_dir():
         present = sorted(p.name for p in Path(model_dir).iterdir() if p.is_dir())
         raise FileNotFoundError(f"{model_dir}: missing component folder {component!r} (found: {present})")
@@ -73,7 +95,7 @@ def component_dir(model_dir: Path, component: str) -> Path:
 
 
 def read_config(component_folder: Path) -> dict:
-    return read_json(Path(component_folder) / "config.json")
+    return read_json_object(Path(component_folder) / "config.json")
 
 
 def weight_files(component_folder: Path) -> list[Path]:
@@ -82,18 +104,28 @@ def weight_files(component_folder: Path) -> list[Path]:
     for name in _INDEX_NAMES:
         index_path = folder / name
         if index_path.is_file():
-            weight_map = read_json(index_path).get("weight_map")
+            weight_map = read_json_object(index_path).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{index_path} has no weight_map")
+            if not all(isinstance(shard, str) for shard in weight_map.values()):
+                raise ValueError(f"{index_path}: weight_map values must be file names")
             shards = [folder / shard for shard in sorted(set(weight_map.values()))]
-            missing = [str(s) for s in shards if not s.is_file()]
+            missing = [str(s) for s in shards if not s.exists()]
             if missing:
                 raise FileNotFoundError(f"{index_path} names shards that are missing: {missing}")
-            return shards
+            return [check_weight_file(shard) for shard in shards]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder}: no .safetensors weights")
-    return files
+    return [check_weight_file(path) for path in files]
+
+
+def check_weight_file(path: Path) -> Path:
+    if (link := broken_link(path)) is not None:
+        raise FileNotFoundError(f"{path} is {link}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file (a folder?); expected safetensors weights")
+    return path
 
 
 def check_safetensors(path: Path) -> dict:
@@ -140,12 +172,27 @@ def cast_floating(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[
     return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
 
 
+def check_dtypes(module: nn.Module, weights: dict[str, mx.array], name: str) -> None:
+    """Float parameters need floating-point tensors (any width: they are cast), packed quantized ones their exact
+    integer dtype; an int32 or bool tensor where a float weight belongs would load and give a wrong image."""
+    expected = dict(tree_flatten(module.parameters()))
+    for key, value in weights.items():
+        want = expected.get(key)
+        if want is None or value.dtype == want.dtype:
+            continue
+        if not (mx.issubdtype(want.dtype, mx.floating) and mx.issubdtype(value.dtype, mx.floating)):
+            kind = "a floating-point" if mx.issubdtype(want.dtype, mx.floating) else f"a {want.dtype}"
+            raise ValueError(f"{name}: {key} has dtype {value.dtype}; the model needs {kind} tensor there")
+
+
 def load_weights_strict(module: nn.Module, weights: dict[str, mx.array], name: str) -> nn.Module:
-    """Load `weights` into `module`; any missing or unexpected key or shape mismatch raises naming it."""
+    """Load `weights` into `module`; any missing or unexpected key, shape or dtype mismatch raises naming it."""
+    check_dtypes(module, weights, name)
     try:
         module.load_weights(list(weights.items()), strict=True)
     except ValueError as error:
-        raise ValueError(f"{name}: checkpoint does not match the model: {error}") from error
+        detail = " ".join(str(error).split())  # MLX puts the keys on a line of their own
+        raise ValueError(f"{name}: checkpoint does not match the model: {detail}") from error
     return module
 
 
@@ -188,7 +235,10 @@ def load_component(
     float8 checkpoints run on the execution path `fp8` (see load_quantizable)."""
     folder = component_dir(model_dir, component)
     config = read_config(folder)
-    module = build(config)
+    try:
+        module = build(config)
+    except ValueError as error:
+        raise ValueError(f"{folder / 'config.json'}: {error}") from error
     weights, float8 = read_weights(folder)
     if sanitize is not None:
         weights = sanitize(weights)

@@ -94,13 +94,15 @@ def main() -> None:
     parser.add_argument("--prompts", nargs="+", default=PROMPTS)
     parser.add_argument("--degree", type=int, default=4)
     parser.add_argument("--threshold", type=float, default=0.1, help="the threshold written with the fit")
-    parser.add_argument("--manifest", type=Path, help="the manifest to write (default: models/MODEL.json)")
+    parser.add_argument("--manifest", type=Path, help="the manifest to write (default: the model folder's "
+                                                        "mlximg.json, or models/MODEL.json for a download)")
     args = parser.parse_args()
 
     import mlximg
-    from mlximg.manifests import MODELS_DIR
+    from mlximg.manifests import MODELS_DIR, RECIPE_FILE, resolve
 
-    manifest = args.manifest or MODELS_DIR / f"{args.model}.json"
+    folder = resolve(args.model).path
+    manifest = args.manifest or (folder / RECIPE_FILE if folder else MODELS_DIR / f"{args.model}.json")
     pipeline = mlximg.load(args.model)
     pairs = record(pipeline, args.prompts, args.seeds, args.steps, args.guidance, args.size, args.negative_prompt)
     result = fit(pairs, args.degree)

@@ -177,5 +177,47 @@ def test_repo_id_resolves_offline_from_cache(checkpoint, tmp_path, monkeypatch):
     snapshot = fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-model", model_dir)
     assert resolve_model("tiny-org/tiny-model", components=["net"]) == snapshot
     assert load_net(snapshot).proj_in.weight.shape == (32, 16)
-    with pytest.raises(FileNotFoundError, match="'tiny-org/absent'.*not in the local cache"):
+    with pytest.raises(FileNotFoundError, match="'tiny-org/absent' is not downloaded, and the Hugging Face hub is offline"):
         resolve_model("tiny-org/absent", components=["net"])
+
+
+def test_an_interrupted_download_is_named_offline_and_resumed_online(checkpoint, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    model_dir, _ = checkpoint
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    snapshot = fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-model", model_dir)
+    shard = sorted((snapshot / "net").glob("*.safetensors"))[-1]
+    kept = tmp_path / "kept"
+    shard.rename(kept)  # what an interrupted download leaves: the snapshot without that file
+    with pytest.raises(FileNotFoundError, match=rf"'tiny-org/tiny-model' is downloaded only in part \(missing: "
+                                                rf"net/{shard.name}\), and the Hugging Face hub is offline"):
+        resolve_model("tiny-org/tiny-model", components=["net"])
+
+    calls = []
+    real = huggingface_hub.snapshot_download
+
+    def hub(repo_id, allow_patterns=None, local_files_only=False):
+        calls.append(local_files_only)
+        if not local_files_only:
+            kept.rename(shard)  # the hub brings the missing file
+        return real(repo_id, allow_patterns=allow_patterns, local_files_only=True)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    assert resolve_model("tiny-org/tiny-model", components=["net"]) == snapshot
+    assert calls == [True, False], "the cache first, then a download of what is missing"
+
+
+def test_a_model_not_downloaded_offline_says_what_to_do(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError) as error:
+        resolve_model("Tongyi-MAI/Z-Image-Turbo", components=["transformer"], download_gb=21)
+    message = str(error.value)
+    assert "'Tongyi-MAI/Z-Image-Turbo' (about 21 GB) is not downloaded" in message
+    assert "--model z-image-digits" in message

@@ -9,6 +9,7 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+import warnings
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -176,14 +177,21 @@ def test_long_prompt_is_truncated_as_the_pipelines_do(encoder, checkpoint, token
     prompts = [LONG_PROMPT, "a cat"]
     expected, tokens = diffusers_zimage(checkpoint[1], tokenizer, prompts)
     assert tokens["attention_mask"][0].all()  # 512 real tokens, the end of the template cut off
-    input_ids, mask = encoder.tokenize(prompts, enable_thinking=True)
+    with pytest.warns(UserWarning, match=r"a prompt is \d+ tokens with its chat template; the text encoder reads "
+                                         r"512, so the last \d+ are dropped \(from '.*lighthouse"):
+        input_ids, mask = encoder.tokenize(prompts, enable_thinking=True)
     np.testing.assert_array_equal(np.array(input_ids), tokens["input_ids"])
-    ours = encoder.encode_zimage(prompts)
+    with pytest.warns(UserWarning, match="dropped"):
+        ours = encoder.encode_zimage(prompts)
     assert ours[0].shape == (MAX_SEQUENCE_LENGTH, 64)
     for i, (actual, reference) in enumerate(zip(ours, expected)):
         assert_close(actual, reference, TOLERANCE, f"Z-Image long-prompt batch, prompt {i}")
     klein, _ = diffusers_klein(checkpoint[1], tokenizer, prompts, KLEIN_LAYERS)
-    assert_close(encoder.encode_flux2_klein(prompts, layers=KLEIN_LAYERS), klein, TOLERANCE, "klein long prompt")
+    with pytest.warns(UserWarning, match="dropped"):
+        assert_close(encoder.encode_flux2_klein(prompts, layers=KLEIN_LAYERS), klein, TOLERANCE, "klein long prompt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a prompt that fits warns nothing
+        encoder.tokenize(["a cat"], enable_thinking=True)
 
 
 def test_single_string_and_empty_prompt(encoder, checkpoint, tokenizer):

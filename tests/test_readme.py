@@ -18,6 +18,11 @@ def test_readme_has_exactly_two_setup_commands():
     assert commands[0] == 'pip install -e . && mlximg generate "a handwritten seven" --model z-image-digits -o seven.png'
 
 
-
 def test_ci_runs_the_readme_test_command():
     assert setup_commands()[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_installs_torch_from_the_cpu_index():
+    """On a plain Linux machine `pip install torch==2.13.0` pulls the CUDA build; the README gives the CPU index."""
+    text = (ROOT / "README.md").read_text()
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in text

@@ -117,7 +117,7 @@ def test_bad_input_fails_before_loading(tiny, tmp_path):
         mlximg.generate("x", model=str(folder), width=100, height=64)
     with pytest.raises(ValueError, match="steps must be a positive integer, got 0"):
         mlximg.generate("x", model=str(folder), steps=0)
-    with pytest.raises(ValueError, match="guidance must be a non-negative number, got -1"):
+    with pytest.raises(ValueError, match="guidance must be a finite number >= 0, got -1"):
         mlximg.generate("x", model=str(folder), guidance=-1)
     with pytest.raises(ValueError, match=r"negative_prompt has no effect without classifier-free guidance \(guidance is 0\)"):
         mlximg.load(str(folder)).generate("x", width=32, height=32, steps=1, guidance=0, negative_prompt="blur")

@@ -7,10 +7,11 @@ stream), and a constant (e.g. text features that never change). Arrays are kept 
 "stepcache") and freed when replaced or released.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 
+from ..configs import at_least, check_fields, from_dict
 from ..runtime import Tracker
 
 OWNER = "stepcache"
@@ -20,23 +21,16 @@ OWNER = "stepcache"
 class StepCacheConfig:
     """Refresh every `interval` steps (1: every step, no reuse); the first and last blocks of each span always run."""
 
-    interval: int = 3
-    first_blocks: int = 1
-    last_blocks: int = 1
+    interval: int = at_least(1, default=3)
+    first_blocks: int = at_least(0, default=1)
+    last_blocks: int = at_least(0, default=1)
 
     def __post_init__(self):
-        for name, minimum in (("interval", 1), ("first_blocks", 0), ("last_blocks", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"stepcache {name} must be an integer >= {minimum}, got {value!r}")
+        check_fields(self, "stepcache ")
 
     @classmethod
     def from_dict(cls, values: dict) -> "StepCacheConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown stepcache settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return from_dict(cls, values, "stepcache", strict=True)
 
     def describe(self) -> dict:
         return {"interval": self.interval, "first_blocks": self.first_blocks, "last_blocks": self.last_blocks}

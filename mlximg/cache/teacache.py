@@ -10,11 +10,12 @@ With CFG the cache holds one entry per context (positive, negative) and the pipe
 the cache, every step, so a cached result never carries a stale guidance scale.
 """
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 
+from ..configs import at_least, check_fields, from_dict
 from ..runtime import Tracker
 
 MODES = ("timestep", "modulated")
@@ -26,42 +27,28 @@ class TeaCacheConfig:
     """`coefficients`: the rescaling polynomial, highest degree first (numpy.polyval); `signal_range`: the
     (low, high) signal change seen in calibration, which the polynomial's input is clamped to."""
 
-    threshold: float = 0.1
+    threshold: float = at_least(0, default=0.1)
     mode: str = "timestep"
-    coefficients: tuple = (1.0, 0.0)
-    signal_range: tuple | None = None
-    first_steps: int = 1  # always computed
+    coefficients: tuple[float, ...] = (1.0, 0.0)
+    signal_range: tuple[float, float] | None = None
+    first_steps: int = at_least(1, default=1)  # always computed
     compute_last: bool = True
-    max_consecutive_skips: int = 3
+    max_consecutive_skips: int = at_least(0, default=3)
     calibrated: bool = field(default=False, compare=False)  # informational: coefficients fitted for this model
 
     def __post_init__(self):
-        if not isinstance(self.threshold, (int, float)) or not np.isfinite(self.threshold) or self.threshold < 0:
-            raise ValueError(f"teacache threshold must be a finite number >= 0, got {self.threshold!r}")
         if self.mode not in MODES:
             raise ValueError(f"teacache mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        self.coefficients = tuple(float(c) for c in self.coefficients)
-        if not self.coefficients or not all(np.isfinite(self.coefficients)):
+        if not isinstance(self.coefficients, (list, tuple)) or not self.coefficients:
             raise ValueError(f"teacache coefficients must be finite numbers, got {list(self.coefficients)!r}")
-        if self.signal_range is not None:
-            low, high = (float(v) for v in self.signal_range)
-            if not low <= high:
-                raise ValueError(f"teacache signal_range must be (low, high) with low <= high, got "
-                                 f"{list(self.signal_range)!r}")
-            self.signal_range = (low, high)
-        for name in ("first_steps", "max_consecutive_skips"):
-            value = getattr(self, name)
-            minimum = 1 if name == "first_steps" else 0
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"teacache {name} must be an integer >= {minimum}, got {value!r}")
+        check_fields(self, "teacache ")
+        if self.signal_range is not None and not self.signal_range[0] <= self.signal_range[1]:
+            raise ValueError(f"teacache signal_range must be (low, high) with low <= high, got "
+                             f"{list(self.signal_range)!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TeaCacheConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown teacache settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return from_dict(cls, values, "teacache", strict=True)
 
     def describe(self) -> dict:
         return {"mode": self.mode, "threshold": self.threshold, "calibrated": self.calibrated}

@@ -5,13 +5,14 @@ changes layouts: 3x3 convolutions OIHW -> OHWI, 1x1 convolutions -> Linear. Acti
 `decode_latents` and `encode_image` speak the pipelines' NCHW latents and the scaling / shift of vae/config.json.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..configs import at_least, check_fields, from_dict
 from ..loading import load_component
 from ..nn import attention, native, silu
 
@@ -26,29 +27,27 @@ _SHIFTED_CONV_MIN_CHANNELS = 32  # below this, mlx's unfolded input is small and
 _SHIFTED_CONV_MIN_PIXELS = 64 * 64
 
 
-def config_from_dict(cls, config: dict):
+def config_from_dict(cls, config: dict, source: str | None = None):
     """A VAE config dataclass from config.json; keys it lacks (_class_name, _diffusers_version, ...) are ignored."""
-    names = {f.name for f in fields(cls)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
-    if isinstance(values.get("sample_size"), tuple):
-        values["sample_size"] = values["sample_size"][0]  # diffusers tiles with the first entry
-    return cls(**values).validate()
+    if isinstance(config, dict) and isinstance(config.get("sample_size"), list) and config["sample_size"]:
+        config = {**config, "sample_size": config["sample_size"][0]}  # diffusers tiles with the first entry
+    return from_dict(cls, config, source)
 
 
 @dataclass
 class AutoencoderKLConfig:
     """Field names and defaults of diffusers' AutoencoderKL config.json."""
 
-    in_channels: int = 3
-    out_channels: int = 3
+    in_channels: int = at_least(1, default=3)
+    out_channels: int = at_least(1, default=3)
     down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
     up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
-    block_out_channels: tuple[int, ...] = (64,)
-    layers_per_block: int = 1
+    block_out_channels: tuple[int, ...] = at_least(1, default=(64,))
+    layers_per_block: int = at_least(1, default=1)
     act_fn: str = "silu"
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    sample_size: int = 32
+    latent_channels: int = at_least(1, default=4)
+    norm_num_groups: int = at_least(1, default=32)
+    sample_size: int = at_least(1, default=32)
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
     latents_mean: tuple[float, ...] | None = None
@@ -58,13 +57,15 @@ class AutoencoderKLConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "AutoencoderKLConfig":
-        return config_from_dict(cls, config)
-
-    def validate(self) -> "AutoencoderKLConfig":
+    def __post_init__(self):
+        check_fields(self)
         validate_blocks(self, "AutoencoderKL")
-        return self
+        if self.scaling_factor == 0:
+            raise ValueError("AutoencoderKL: scaling_factor must not be 0 (latents are divided by it)")
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str | None = None) -> "AutoencoderKLConfig":
+        return config_from_dict(cls, config, source)
 
     @property
     def scale_factor_spatial(self) -> int:

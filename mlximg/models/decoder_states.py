@@ -7,13 +7,34 @@ Attention is causal with padded keys hidden, at positions 0..L-1 whatever the pa
 position_ids are given.
 """
 
+import warnings
 from typing import Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..configs import checked
 from .lm_kernels import PaddedCausalMask, kernels_for
+
+
+# The sizes every decoder config needs, as transformers names them; head_dim may be absent (hidden / heads).
+_DECODER_SIZES = {"hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
+                  "num_key_value_heads": 1, "vocab_size": 1, "head_dim": 1}
+
+
+def check_decoder_config(config: dict, prefix: str = "") -> None:
+    """The decoder sizes typed and positive, and the heads fitting together; errors name the field."""
+    for name, minimum in _DECODER_SIZES.items():
+        if name in config and not (name == "head_dim" and config[name] is None):
+            checked(int, config[name], f"{prefix}{name}", minimum)
+    checked(float, config.get("rms_norm_eps", 1e-6), f"{prefix}rms_norm_eps", 0)
+    heads, kv_heads = config.get("num_attention_heads", 1), config.get("num_key_value_heads", 1)
+    if heads % kv_heads:
+        raise ValueError(f"{prefix}num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if config.get("head_dim") is None and config.get("hidden_size", 0) % heads:
+        raise ValueError(f"{prefix}hidden_size {config['hidden_size']} is not a multiple of num_attention_heads "
+                         f"{heads} (and no head_dim is given)")
 
 
 def resolve_hidden_layer(index: int, num_layers: int) -> int:
@@ -24,6 +45,16 @@ def resolve_hidden_layer(index: int, num_layers: int) -> int:
     if resolved == num_layers:
         raise ValueError(f"hidden state {index} is the final-norm output, which this encoder does not compute")
     return resolved
+
+
+def warn_truncated(tokenizer, texts: list[str], max_length: int, **options) -> None:
+    """Warn, for each text longer than `max_length` tokens, how many tokens truncation drops and where it cuts."""
+    for ids in tokenizer(texts, **options)["input_ids"]:
+        if len(ids) > max_length:
+            cut = tokenizer.decode(ids[max_length:max_length + 8]).strip()
+            warnings.warn(f"a prompt is {len(ids)} tokens with its chat template; the text encoder reads "
+                          f"{max_length}, so the last {len(ids) - max_length} are dropped (from {cut!r} on)",
+                          stacklevel=4)
 
 
 def prompt_list(prompts: str | list[str]) -> list[str]:

@@ -7,13 +7,14 @@ embedding and shared by all blocks of a kind. No biases anywhere; QK RMSNorm; 4-
 Module paths equal the checkpoint's keys, so there is nothing to sanitize.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from ..cache import run_blocks
+from ..configs import at_least, check_fields, from_dict
 from ..loading import load_component
 from ..nn import RMSNorm, attention, layer_norm, norm_rope_heads, rope_tables, silu_mul, timestep_embedding
 
@@ -25,34 +26,34 @@ FLOAT16_MAX = 65504.0
 class Flux2Config:
     """Field names as in the checkpoint's transformer/config.json; defaults are FLUX.2-dev's (diffusers' own)."""
 
-    patch_size: int = 1
-    in_channels: int = 128
-    out_channels: int | None = None
-    num_layers: int = 8
-    num_single_layers: int = 48
-    attention_head_dim: int = 128
-    num_attention_heads: int = 48
-    joint_attention_dim: int = 15360
-    timestep_guidance_channels: int = 256
-    mlp_ratio: float = 3.0
-    axes_dims_rope: tuple = (32, 32, 32, 32)
-    rope_theta: float = 2000.0
-    eps: float = 1e-6
+    patch_size: int = at_least(1, default=1)
+    in_channels: int = at_least(1, default=128)
+    out_channels: int | None = at_least(1, default=None)
+    num_layers: int = at_least(0, default=8)
+    num_single_layers: int = at_least(0, default=48)
+    attention_head_dim: int = at_least(2, default=128)
+    num_attention_heads: int = at_least(1, default=48)
+    joint_attention_dim: int = at_least(1, default=15360)
+    timestep_guidance_channels: int = at_least(2, default=256)
+    mlp_ratio: float = at_least(0, default=3.0)
+    axes_dims_rope: tuple[int, ...] = at_least(0, default=(32, 32, 32, 32))
+    rope_theta: float = at_least(1, default=2000.0)
+    eps: float = at_least(0, default=1e-6)
     guidance_embeds: bool = True
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "Flux2Config":
-        known = {f.name for f in fields(cls)}
-        args = cls(**{k: v for k, v in config.items() if k in known})
-        args.axes_dims_rope = tuple(args.axes_dims_rope)
-        if sum(args.axes_dims_rope) != args.attention_head_dim:
+    def __post_init__(self):
+        check_fields(self)
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
             raise ValueError(
-                f"sum(axes_dims_rope) {sum(args.axes_dims_rope)} != attention_head_dim {args.attention_head_dim}")
-        if any(d % 2 for d in args.axes_dims_rope):
-            raise ValueError(f"axes_dims_rope must all be even (channel pairs), got {list(args.axes_dims_rope)}")
-        if args.num_layers + args.num_single_layers < 1:
-            raise ValueError(f"no blocks: num_layers {args.num_layers}, num_single_layers {args.num_single_layers}")
-        return args
+                f"sum(axes_dims_rope) {sum(self.axes_dims_rope)} != attention_head_dim {self.attention_head_dim}")
+        if any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(f"axes_dims_rope must all be even (channel pairs), got {list(self.axes_dims_rope)}")
+        if self.num_layers + self.num_single_layers < 1:
+            raise ValueError(f"no blocks: num_layers {self.num_layers}, num_single_layers {self.num_single_layers}")
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str | None = None) -> "Flux2Config":
+        return from_dict(cls, config, source)
 
     @property
     def inner_dim(self) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..configs import at_least, check_fields
 from ..loading import load_component
 from .autoencoder_kl import AutoencoderKL, config_from_dict, validate_blocks
 
@@ -27,30 +28,27 @@ class AutoencoderKLFlux2Config:
     """Field names of diffusers' AutoencoderKLFlux2 config.json; the defaults are the released FLUX.2 VAE's
     (black-forest-labs/FLUX.2-dev vae/, shared by klein), equal to diffusers' class defaults."""
 
-    in_channels: int = 3
-    out_channels: int = 3
+    in_channels: int = at_least(1, default=3)
+    out_channels: int = at_least(1, default=3)
     down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4
     up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",) * 4
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    decoder_block_out_channels: tuple[int, ...] | None = None
-    layers_per_block: int = 2
+    block_out_channels: tuple[int, ...] = at_least(1, default=(128, 256, 512, 512))
+    decoder_block_out_channels: tuple[int, ...] | None = at_least(1, default=None)
+    layers_per_block: int = at_least(1, default=2)
     act_fn: str = "silu"
-    latent_channels: int = 32
-    norm_num_groups: int = 32
-    sample_size: int = 1024
+    latent_channels: int = at_least(1, default=32)
+    norm_num_groups: int = at_least(1, default=32)
+    sample_size: int = at_least(1, default=1024)
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
-    batch_norm_eps: float = 1e-4
+    batch_norm_eps: float = at_least(0, default=1e-4)
     batch_norm_momentum: float = 0.1
     patch_size: tuple[int, int] = (_PATCH, _PATCH)
     force_upcast: bool = True  # in the released config.json, though not an argument of diffusers' class
 
-    @classmethod
-    def from_dict(cls, config: dict) -> "AutoencoderKLFlux2Config":
-        return config_from_dict(cls, config)
-
-    def validate(self) -> "AutoencoderKLFlux2Config":
+    def __post_init__(self):
+        check_fields(self)
         validate_blocks(self, "AutoencoderKLFlux2")
         decoder = self.decoder_channels
         if len(decoder) != len(self.up_block_types) or any(c % self.norm_num_groups for c in decoder):
@@ -60,7 +58,10 @@ class AutoencoderKLFlux2Config:
         if tuple(self.patch_size) != (_PATCH, _PATCH):
             raise ValueError(f"AutoencoderKLFlux2: unsupported patch_size {tuple(self.patch_size)}: the FLUX.2 "
                              f"pipelines patchify latents {_PATCH}x{_PATCH}")
-        return self
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str | None = None) -> "AutoencoderKLFlux2Config":
+        return config_from_dict(cls, config, source)
 
     @property
     def scale_factor_spatial(self) -> int:

@@ -7,6 +7,7 @@ they apply and mlx-lm's own functions otherwise, with the same results. mlx-lm's
 """
 
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -63,16 +64,21 @@ def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     return silu_mul(gate, x) if native.applies(gate, x) and gate.shape == x.shape else activations.swiglu(gate, x)
 
 
+# The names are module attributes, shared by every thread: one encoder swaps them at a time.
+_SWAP_LOCK = threading.RLock()
+
+
 @contextmanager
 def kernels_for(model: nn.Module):
     """Route the attention and SwiGLU of mlx-lm `model`'s layers through the functions above while active."""
     modules = {sys.modules[type(layer).__module__] for layer in model.layers}
-    replaced = [(module, name, getattr(module, name)) for module in modules
-                for name in ("scaled_dot_product_attention", "swiglu") if hasattr(module, name)]
-    for module, name, _ in replaced:
-        setattr(module, name, globals()[name])
-    try:
-        yield
-    finally:
-        for module, name, original in replaced:
-            setattr(module, name, original)
+    with _SWAP_LOCK:
+        replaced = [(module, name, getattr(module, name)) for module in modules
+                    for name in ("scaled_dot_product_attention", "swiglu") if hasattr(module, name)]
+        for module, name, _ in replaced:
+            setattr(module, name, globals()[name])
+        try:
+            yield
+        finally:
+            for module, name, original in replaced:
+                setattr(module, name, original)

@@ -17,8 +17,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import llama
 
-from ..loading import component_dir, load_quantizable, read_config, read_json, read_weights
-from .decoder_states import DecoderHiddenStates, prompt_list, resolve_hidden_layer
+from ..loading import component_dir, load_quantizable, read_config, read_json_object, read_weights
+from .decoder_states import (DecoderHiddenStates, check_decoder_config, prompt_list, resolve_hidden_layer,
+                             warn_truncated)
 
 MAX_SEQUENCE_LENGTH = 512  # Flux2Pipeline pads (and truncates) every prompt to this many tokens
 FLUX2_DEV_HIDDEN_LAYERS = (10, 20, 30)  # Flux2Pipeline: hidden_states[10], [20], [30], concatenated
@@ -65,6 +66,7 @@ def mistral3_args(config: dict) -> llama.ModelArgs:
     missing = [name for name in _REQUIRED if name not in text]
     if missing:
         raise ValueError(f"Mistral3 text_config lacks {missing}")
+    check_decoder_config(text, "text_config ")
     if text.get("hidden_act", "silu") != "silu":
         raise ValueError(f"Mistral3 text encoder hidden_act {text['hidden_act']!r} is not supported; expected 'silu'")
     sliding_window = text.get("sliding_window", 4096)  # MistralConfig's default when the key is absent
@@ -137,9 +139,9 @@ def processor_chat_template(tokenizer_dir: Path) -> str:
     """The template the AutoProcessor of `tokenizer_dir` renders, found where ProcessorMixin.from_pretrained looks:
     processor_config.json's key, the legacy chat_template.json, then chat_template.jinja."""
     processor_config = tokenizer_dir / "processor_config.json"
-    template = read_json(processor_config).get("chat_template") if processor_config.is_file() else None
+    template = read_json_object(processor_config).get("chat_template") if processor_config.is_file() else None
     if template is None and (tokenizer_dir / "chat_template.json").is_file():
-        template = read_json(tokenizer_dir / "chat_template.json").get("chat_template")
+        template = read_json_object(tokenizer_dir / "chat_template.json").get("chat_template")
     elif template is None and (tokenizer_dir / "chat_template.jinja").is_file():
         template = (tokenizer_dir / "chat_template.jinja").read_text(encoding="utf-8")
     elif template is None:
@@ -175,6 +177,7 @@ class Mistral3TextEncoder:
         # As ProcessorMixin.apply_chat_template: a template that already wrote BOS gets no special tokens added.
         bos = self.tokenizer.bos_token
         add_special_tokens = not (bos is not None and texts[0].startswith(bos))
+        warn_truncated(self.tokenizer, texts, max_length, add_special_tokens=add_special_tokens)
         tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                                 add_special_tokens=add_special_tokens, return_tensors="np")
         return mx.array(tokens["input_ids"].astype(np.int32)), tokens["attention_mask"].astype(bool)
@@ -193,26 +196,34 @@ class Mistral3TextEncoder:
         return embeds
 
 
+def load_mistral3_module(model_dir: str | Path, dtype: mx.Dtype | None = None,
+                         layers: Iterable[int] = FLUX2_DEV_HIDDEN_LAYERS, fp8: str | None = None) -> Mistral3Encoder:
+    """The `text_encoder/` module alone, weights loaded lazily (nothing is read until evaluated); only the decoder
+    layers `layers` need are built and loaded (30 of Mistral Small's 40 for FLUX.2 [dev])."""
+    encoder_dir = component_dir(Path(model_dir), "text_encoder")
+    config = read_config(encoder_dir)
+    try:
+        args = mistral3_args(config)
+        layers = tuple(layers)
+        if not layers:
+            raise ValueError("`layers` is empty")
+        model = Mistral3Encoder(args, max(resolve_hidden_layer(k, args.num_hidden_layers) for k in layers))
+    except ValueError as error:
+        raise ValueError(f"{encoder_dir / 'config.json'}: {error}") from error
+    weights, float8 = read_weights(encoder_dir)
+    return load_quantizable(model, model.sanitize(weights), config, "text_encoder", str(encoder_dir), dtype, fp8,
+                            float8)
+
+
 def load_mistral3_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None,
                           layers: Iterable[int] = FLUX2_DEV_HIDDEN_LAYERS, fp8: str | None = None,
                           ) -> Mistral3TextEncoder:
-    """The `tokenizer/` and `text_encoder/` components of a FLUX.2 [dev] diffusers folder.
-
-    `layers`: the hidden-state indices to encode with; only the decoder layers they need are built and loaded
-    (30 of Mistral Small's 40 for FLUX.2 [dev]). `dtype`: cast floating weights to it; None keeps the checkpoint's.
-    """
+    """The `tokenizer/` and `text_encoder/` components of a FLUX.2 [dev] diffusers folder (see
+    `load_mistral3_module`). `dtype`: cast floating weights to it; None keeps the checkpoint's."""
     from transformers import AutoTokenizer
 
-    model_dir = Path(model_dir)
-    encoder_dir = component_dir(model_dir, "text_encoder")
-    tokenizer_dir = component_dir(model_dir, "tokenizer")
-    config = read_config(encoder_dir)
-    args = mistral3_args(config)
-    layers = tuple(layers)
-    if not layers:
-        raise ValueError("load_mistral3_encoder: `layers` is empty")
-    model = Mistral3Encoder(args, max(resolve_hidden_layer(k, args.num_hidden_layers) for k in layers))
+    component_dir(Path(model_dir), "text_encoder")  # named first when both are missing
+    tokenizer_dir = component_dir(Path(model_dir), "tokenizer")
     chat_template = processor_chat_template(tokenizer_dir)
-    weights, float8 = read_weights(encoder_dir)
-    load_quantizable(model, model.sanitize(weights), config, "text_encoder", str(encoder_dir), dtype, fp8, float8)
-    return Mistral3TextEncoder(AutoTokenizer.from_pretrained(tokenizer_dir), chat_template, model, layers)
+    model = load_mistral3_module(model_dir, dtype, layers, fp8)
+    return Mistral3TextEncoder(AutoTokenizer.from_pretrained(tokenizer_dir), chat_template, model, tuple(layers))

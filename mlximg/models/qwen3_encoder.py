@@ -16,7 +16,8 @@ import numpy as np
 from mlx_lm.models import qwen3
 
 from ..loading import component_dir, load_quantizable, read_config, read_weights
-from .decoder_states import DecoderHiddenStates, prompt_list, resolve_hidden_layer
+from .decoder_states import (DecoderHiddenStates, check_decoder_config, prompt_list, resolve_hidden_layer,
+                             warn_truncated)
 
 MAX_SEQUENCE_LENGTH = 512  # both pipelines pad (and truncate) every prompt to this many tokens
 ZIMAGE_HIDDEN_LAYERS = (-2,)  # ZImagePipeline: hidden_states[-2], the second-to-last decoder layer's output
@@ -39,6 +40,7 @@ def qwen3_args(config: dict) -> qwen3.ModelArgs:
     missing = [name for name in required if name not in config]
     if missing:
         raise ValueError(f"text encoder config.json lacks {missing}")
+    check_decoder_config(config)
     return qwen3.ModelArgs.from_dict(config)
 
 
@@ -92,6 +94,7 @@ class TextEncoder:
                                                add_generation_prompt=True, enable_thinking=enable_thinking)
             for prompt in prompt_list(prompts)
         ]
+        warn_truncated(self.tokenizer, texts, max_length)
         tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                                 return_tensors="np")
         return mx.array(tokens["input_ids"].astype(np.int32)), tokens["attention_mask"].astype(bool)
@@ -120,28 +123,36 @@ class TextEncoder:
         return embeds
 
 
-def load_text_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None,
-                      layers: Iterable[int] | None = None, fp8: str | None = None) -> TextEncoder:
-    """The `tokenizer/` and `text_encoder/` components of a diffusers folder.
+def load_qwen3_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None, layers: Iterable[int] | None = None,
+                       fp8: str | None = None) -> Qwen3Encoder:
+    """The `text_encoder/` module alone, weights loaded lazily (nothing is read until evaluated).
 
     `layers`: the hidden-state indices the encoder will be asked for (e.g. ZIMAGE_HIDDEN_LAYERS); only the decoder
     layers they need are built and loaded. None keeps all but the last, enough for any index but the final-norm one.
     `dtype`: cast floating weights to it; None keeps the checkpoint's. `fp8`: the FP8 execution path.
     """
+    encoder_dir = component_dir(Path(model_dir), "text_encoder")
+    config = read_config(encoder_dir)
+    try:
+        args = qwen3_args(config)
+        num_layers = None
+        if layers is not None:
+            layers = list(layers)
+            if not layers:
+                raise ValueError("`layers` is empty; pass None to keep all layers but the last")
+            num_layers = max(resolve_hidden_layer(k, args.num_hidden_layers) for k in layers)
+        model = Qwen3Encoder(args, num_layers)
+    except ValueError as error:
+        raise ValueError(f"{encoder_dir / 'config.json'}: {error}") from error
+    weights, float8 = read_weights(encoder_dir)
+    return load_quantizable(model, model.sanitize(weights), config, "text_encoder", str(encoder_dir), dtype, fp8,
+                            float8)
+
+
+def load_text_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None,
+                      layers: Iterable[int] | None = None, fp8: str | None = None) -> TextEncoder:
+    """The `tokenizer/` and `text_encoder/` components of a diffusers folder (see `load_qwen3_encoder`)."""
     from transformers import AutoTokenizer
 
-    model_dir = Path(model_dir)
-    encoder_dir = component_dir(model_dir, "text_encoder")
-    tokenizer_dir = component_dir(model_dir, "tokenizer")
-    config = read_config(encoder_dir)
-    args = qwen3_args(config)
-    num_layers = None
-    if layers is not None:
-        layers = list(layers)
-        if not layers:
-            raise ValueError("load_text_encoder: `layers` is empty; pass None to keep all layers but the last")
-        num_layers = max(resolve_hidden_layer(k, args.num_hidden_layers) for k in layers)
-    model = Qwen3Encoder(args, num_layers)
-    weights, float8 = read_weights(encoder_dir)
-    load_quantizable(model, model.sanitize(weights), config, "text_encoder", str(encoder_dir), dtype, fp8, float8)
-    return TextEncoder(AutoTokenizer.from_pretrained(tokenizer_dir), model)
+    model = load_qwen3_encoder(model_dir, dtype, layers, fp8)
+    return TextEncoder(AutoTokenizer.from_pretrained(component_dir(Path(model_dir), "tokenizer")), model)

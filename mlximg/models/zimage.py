@@ -6,13 +6,14 @@ multiple of 32 with a learned pad token; those pads are attended to like real to
 out a batch is masked. Module paths equal the checkpoint's keys, so `sanitize` has nothing to rename.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from ..cache import run_blocks
+from ..configs import at_least, check_fields, from_dict
 from ..loading import load_component
 from ..nn import RMSNorm, attention, layer_norm, norm_rope_heads, rope_tables, silu_mul, timestep_embedding
 
@@ -24,32 +25,40 @@ ADALN_DIM = 256  # width of the timestep conditioning
 class ZImageConfig:
     """Field names as in the checkpoint's transformer/config.json; defaults are the released model's."""
 
-    all_patch_size: tuple = (2,)
-    all_f_patch_size: tuple = (1,)
-    in_channels: int = 16
-    dim: int = 3840
-    n_layers: int = 30
-    n_refiner_layers: int = 2
-    n_heads: int = 30
-    n_kv_heads: int = 30
-    norm_eps: float = 1e-5
+    all_patch_size: tuple[int, ...] = at_least(1, default=(2,))
+    all_f_patch_size: tuple[int, ...] = at_least(1, default=(1,))
+    in_channels: int = at_least(1, default=16)
+    dim: int = at_least(1, default=3840)
+    n_layers: int = at_least(0, default=30)
+    n_refiner_layers: int = at_least(0, default=2)
+    n_heads: int = at_least(1, default=30)
+    n_kv_heads: int = at_least(1, default=30)
+    norm_eps: float = at_least(0, default=1e-5)
     qk_norm: bool = True
-    cap_feat_dim: int = 2560
+    cap_feat_dim: int = at_least(1, default=2560)
     siglip_feat_dim: int | None = None
-    rope_theta: float = 256.0
-    t_scale: float = 1000.0
-    axes_dims: tuple = (32, 48, 48)
-    axes_lens: tuple = (1024, 512, 512)
+    rope_theta: float = at_least(1, default=256.0)
+    t_scale: float = at_least(0, default=1000.0)
+    axes_dims: tuple[int, ...] = at_least(2, default=(32, 48, 48))
+    axes_lens: tuple[int, ...] = at_least(1, default=(1024, 512, 512))
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.siglip_feat_dim is not None:
+            raise ValueError("Z-Image Omni (siglip_feat_dim set) is not supported")
+        if len(self.axes_dims) != 3 or len(self.axes_lens) != 3 or any(d % 2 for d in self.axes_dims):
+            raise ValueError(f"axes_dims {list(self.axes_dims)} and axes_lens {list(self.axes_lens)} must have 3 "
+                             "entries each, the dims even (RoPE rotates channel pairs)")
+        if self.dim % self.n_heads or self.dim // self.n_heads != sum(self.axes_dims):
+            raise ValueError(f"head dim: dim {self.dim} / n_heads {self.n_heads} must equal sum(axes_dims) "
+                             f"{sum(self.axes_dims)}")
+        if len(self.all_patch_size) != len(self.all_f_patch_size):
+            raise ValueError(f"all_patch_size {list(self.all_patch_size)} and all_f_patch_size "
+                             f"{list(self.all_f_patch_size)} must have the same length")
 
     @classmethod
-    def from_dict(cls, config: dict) -> "ZImageConfig":
-        known = {f.name for f in fields(cls)}
-        args = cls(**{k: v for k, v in config.items() if k in known})
-        if args.siglip_feat_dim is not None:
-            raise ValueError("Z-Image Omni (siglip_feat_dim set) is not supported")
-        if args.dim // args.n_heads != sum(args.axes_dims):
-            raise ValueError(f"head dim {args.dim // args.n_heads} != sum(axes_dims) {sum(args.axes_dims)}")
-        return args
+    def from_dict(cls, config: dict, source: str | None = None) -> "ZImageConfig":
+        return from_dict(cls, config, source)
 
     @property
     def adaln_dim(self) -> int:

@@ -1,22 +1,51 @@
 """What every pipeline shares: components checked up front, loaded on first use and kept through a Tracker,
 the text encoder released once the prompt is encoded, and per-phase time and memory."""
 
+import functools
+import threading
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from ..cache import StepCache, TeaCache, resolve_stepcache, resolve_teacache
-from ..loading import component_dir, read_config
+from ..loading import check_json_files, component_dir, read_config, read_json_object
 from ..quant import Quantization, fp8_execution, layer_policy
 from ..quant.modules import quantize_module
 from ..runtime import PhaseLog, Tracker, compute_dtype
 from ..schedulers import FlowMatchEulerScheduler
 from .inputs import to_image
+from .limits import check_memory, estimate_peak_memory, size_limits
+
+
+class NonFiniteError(ValueError):
+    """A run produced NaN or inf: reported with its likely cause instead of saving a black image."""
+
+
+def serialized(method):
+    """One call at a time per pipeline: a run loads, releases and caches components, which another run in a
+    second thread must not see half done. Two pipelines run in parallel freely."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+def first_nonfinite_weight(module) -> str | None:
+    """The name of the first floating-point weight of `module` holding NaN or inf, or None."""
+    for name, value in tree_flatten(module.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating) and not mx.isfinite(value).all().item():
+            return name
+    return None
 
 
 class Pipeline:
     components = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
-    size_multiple = 16  # VAE downsampling x the transformer's 2x2 patches
+    family = ""  # as manifests name it
+    transformer_class = ""  # the diffusers class transformer/config.json must name
     quantize_modes = ("fp8",)
     quantized_components = ("transformer",)  # what quantize="fp8" quantizes right after loading
 
@@ -28,7 +57,9 @@ class Pipeline:
         self.model_dir = Path(model_dir)
         for name in self.components:  # fail now, not after minutes of work
             component_dir(self.model_dir, name)
-        self.size_multiple = self.size_multiple_of(self.model_dir)
+        self.check_family()
+        self.limits = size_limits(self.family, self.model_dir)
+        self.size_multiple = self.limits.multiple
         self.defaults = defaults or {}
         self.dtype = compute_dtype(dtype)
         self.scheduler = FlowMatchEulerScheduler.from_pretrained(self.model_dir)
@@ -42,11 +73,34 @@ class Pipeline:
         self.loaded: dict[str, object] = {}
         self.teacache_defaults = teacache_defaults
         self.cache_report: dict = {}
+        self.lock = threading.RLock()
+        self.check_components()
 
-    @classmethod
-    def size_multiple_of(cls, model_dir: Path | None) -> int:
-        """What image sides must be a multiple of, for the model in `model_dir` (None: not downloaded yet)."""
-        return cls.size_multiple
+    def check_family(self) -> None:
+        """model_index.json names this pipeline; the transformer must be the class it goes with."""
+        found = read_config(self.model_dir / "transformer").get("_class_name", self.transformer_class)
+        if found != self.transformer_class:
+            pipeline = read_json_object(self.model_dir / "model_index.json").get("_class_name")
+            raise ValueError(f"{self.model_dir}: model_index.json names {pipeline}, but transformer/config.json is "
+                             f"a {found!r}, not the {self.transformer_class!r} that goes with it")
+
+    def check_components(self) -> None:
+        """Every component's config, and its weights' keys, shapes and dtypes from the safetensors headers, now:
+        a broken VAE is reported at load, not after the whole denoise. The modules are built lazily, so no
+        weight is read, and dropped."""
+        self._load_transformer()
+        self._load_vae()
+        self._load_text_encoder_module()
+        check_json_files(self.model_dir / "tokenizer")
+
+    def _load_text_encoder_module(self):
+        raise NotImplementedError
+
+    def check_memory(self, width: int, height: int, batch: int, tiled_decode: bool = False) -> None:
+        """Refuse a run whose lower-bound memory estimate exceeds this machine's memory, before any work."""
+        estimate = estimate_peak_memory(self.family, self.model_dir, width, height, batch, self.dtype.size,
+                                        tiled_decode)
+        check_memory(estimate)
 
     def component(self, name: str):
         """The component `name`, loaded by `self._load_<name>()` on first use and kept under its name."""
@@ -84,9 +138,25 @@ class Pipeline:
     def decode(self, latents: mx.array, **vae_options):
         """Latents in the diffusion model's layout -> PIL image, in the "decode" phase; options go to the VAE."""
         with self.phases.phase("decode"):
-            decoded = self.component("vae").decode_latents(latents.astype(self.dtype), **vae_options)
+            vae = self.component("vae")
+            decoded = vae.decode_latents(latents.astype(self.dtype), **vae_options)
             self.tracker.eval(decoded)
+        if not mx.isfinite(decoded).all().item():
+            raise NonFiniteError("the VAE decoded NaN or inf from finite latents: " + self._weights_verdict("vae", vae))
         return to_image(decoded)
+
+    def check_finite(self, latents: mx.array, step: int, steps: int) -> None:
+        """After each step: a non-finite latent ends the run at once, with its likely cause."""
+        if not mx.isfinite(latents).all().item():
+            verdict = self._weights_verdict("transformer", self.component("transformer"))
+            raise NonFiniteError(f"denoising produced NaN or inf at step {step + 1} of {steps}: {verdict}")
+
+    def _weights_verdict(self, name: str, module) -> str:
+        bad = first_nonfinite_weight(module)
+        if bad is not None:
+            return f"{name} weight {bad} holds NaN or inf (a broken checkpoint: {self.model_dir / name})"
+        return (f"the {name}'s weights are all finite, so look at the inputs and the schedule "
+                f"({self.model_dir / 'scheduler' / 'scheduler_config.json'})")
 
     def evaluate_step(self, latents: mx.array, *caches) -> mx.array:
         """End of a denoising step: evaluate, so each step's graph is freed before the next is built; cached
@@ -114,6 +184,6 @@ class Pipeline:
         self.cache_report = report
 
     def report_parameters(self) -> dict:
-        """The cache report for image.info["parameters"], with the denoising time it goes with."""
-        seconds = round(self.phases.get("denoise").seconds, 3)
-        return {**self.cache_report, "forwards": {**self.cache_report["forwards"], "denoise_seconds": seconds}}
+        """The cache report for image.info["parameters"]: settings and counts only, no timings, so that the same
+        settings give the same file."""
+        return dict(self.cache_report)

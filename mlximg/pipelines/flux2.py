@@ -6,19 +6,20 @@ reference images are VAE-encoded the same way and appended to the image tokens a
 """
 
 import warnings
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
 from ..cache import step_forward
-from ..loading import read_config, read_json
+from ..loading import read_config, read_json_object
 from ..models.flux2 import load_flux2_transformer
 from ..models.flux2_vae import load_flux2_vae, pack_latents, unpack_latents
-from ..models.mistral3_encoder import load_mistral3_encoder
-from ..models.qwen3_encoder import FLUX2_KLEIN_HIDDEN_LAYERS, load_text_encoder
+from ..models.mistral3_encoder import load_mistral3_encoder, load_mistral3_module, processor_chat_template
+from ..models.qwen3_encoder import FLUX2_KLEIN_HIDDEN_LAYERS, load_qwen3_encoder, load_text_encoder
 from ..schedulers import compute_empirical_mu
-from .base import Pipeline
+from .base import Pipeline, serialized
 from .inputs import check_prompts, initial_noise, resolve_arguments
 from .references import load_references
 
@@ -42,24 +43,33 @@ def text_ids(length: int) -> np.ndarray:
 
 
 class Flux2Pipeline(Pipeline):
+    family = "flux2"
+    transformer_class = "Flux2Transformer2DModel"
+
     def __init__(self, model_dir, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False,
                  **options):
-        super().__init__(model_dir, defaults, dtype, keep_text_encoder, **options)
-        self.encoder_type = read_config(self.model_dir / "text_encoder").get("model_type")
+        self.encoder_type = read_config(Path(model_dir) / "text_encoder").get("model_type")
         if self.encoder_type not in MAX_REFERENCES:
-            raise ValueError(f"{self.model_dir}: FLUX.2 text encoder {self.encoder_type!r} is not supported "
+            raise ValueError(f"{model_dir}: FLUX.2 text encoder {self.encoder_type!r} is not supported "
                              f"(expected one of {sorted(MAX_REFERENCES)})")
+        super().__init__(model_dir, defaults, dtype, keep_text_encoder, **options)
         transformer_config = read_config(self.model_dir / "transformer")
         self.guidance_embeds = bool(transformer_config.get("guidance_embeds", True))
         # Noise channels: the VAE's latent channels x a 2x2 patch (128 for the released models).
         self.latent_channels = int(transformer_config.get("in_channels", 128))
-        self.is_distilled = bool(read_json(self.model_dir / "model_index.json").get("is_distilled", False))
+        self.is_distilled = bool(read_json_object(self.model_dir / "model_index.json").get("is_distilled", False))
         self.max_references = self.defaults.get("max_references", MAX_REFERENCES[self.encoder_type])
 
     def _load_text_encoder(self):
         if self.encoder_type == "mistral3":
             return load_mistral3_encoder(self.model_dir, dtype=self.dtype, fp8=self.fp8)
         return load_text_encoder(self.model_dir, dtype=self.dtype, layers=FLUX2_KLEIN_HIDDEN_LAYERS, fp8=self.fp8)
+
+    def _load_text_encoder_module(self):
+        if self.encoder_type == "mistral3":
+            processor_chat_template(self.model_dir / "tokenizer")
+            return load_mistral3_module(self.model_dir, dtype=self.dtype, fp8=self.fp8)
+        return load_qwen3_encoder(self.model_dir, dtype=self.dtype, layers=FLUX2_KLEIN_HIDDEN_LAYERS, fp8=self.fp8)
 
     def _load_transformer(self):
         return load_flux2_transformer(self.model_dir, self.dtype, fp8=self.fp8)
@@ -126,10 +136,12 @@ class Flux2Pipeline(Pipeline):
                         out = out[1:] + guidance * (out[:1] - out[1:])
                     x = self.scheduler.step(out, x, sigmas[i], sigmas[i + 1])
                     self.evaluate_step(x, teacache, stepcache)
+                    self.check_finite(x, i, steps)
         finally:
             self.finish_caches(steps, teacache, stepcache)
         return unpack_latents(x, height, width)
 
+    @serialized
     def generate(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
                  guidance: float | None = None, negative_prompt: str | None = None, seed: int | None = None,
                  latents=None, image=None, progress: bool = False, teacache=None, stepcache=None):
@@ -140,10 +152,11 @@ class Flux2Pipeline(Pipeline):
         if references and width is None and height is None:
             height, width = references[0].shape[1:3]
         width, height, steps, guidance = resolve_arguments(self.defaults, width, height, steps, guidance,
-                                                           self.size_multiple)
+                                                           self.limits)
         cfg = self.uses_cfg(guidance)
         check_prompts(prompt, negative_prompt, cfg, self._no_cfg_reason(guidance))
         teacache, stepcache = self.resolve_caches(teacache, stepcache)
+        self.check_memory(width, height, 2 if cfg else 1)
         if guidance > 1 and self.is_distilled:
             warnings.warn(f"guidance {guidance} is ignored: this model is step-distilled", stacklevel=2)
         shape = (1, self.latent_channels, height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN)

@@ -1,36 +1,15 @@
 """Reference images for FLUX.2 editing, prepared as diffusers' Flux2ImageProcessor prepares them."""
 
 import math
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from .images import open_image
+
 MAX_AREA = 1024 * 1024  # larger references are scaled down to this many pixels
 MIN_SIDE = 64
 MAX_ASPECT = 8
-
-
-def open_reference(image):
-    """A PIL image from a PIL image, a file path or an (H, W, 3) / (H, W) uint8 array."""
-    from PIL import Image
-
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"reference image {path} does not exist")
-        try:
-            image = Image.open(path)
-            image.load()
-        except OSError as error:
-            raise ValueError(f"reference image {path} cannot be read: {error}") from error
-    elif isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise ValueError(f"reference array must be uint8 (H, W) or (H, W, C), got {image.dtype} {image.shape}")
-        image = Image.fromarray(image)
-    elif not isinstance(image, Image.Image):
-        raise ValueError(f"reference image must be a PIL image, a path or a uint8 array, got {type(image).__name__}")
-    return image
 
 
 def check_reference(image, index: int) -> None:
@@ -59,12 +38,20 @@ def prepare_reference(image, multiple: int) -> mx.array:
     return mx.array(pixels * 2 - 1)[None]
 
 
-def load_references(images, limit: int, multiple: int) -> list[mx.array]:
-    """Open, check and prepare up to `limit` reference images."""
+def open_references(images, limit: int) -> list:
+    """Open and check up to `limit` reference images (cheap: before any model is loaded)."""
     images = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not images:
+        raise ValueError("image=[] holds no reference image; leave image unset for text to image")
     if len(images) > limit:
         raise ValueError(f"{len(images)} reference images given; this model takes at most {limit}")
-    opened = [open_reference(image) for image in images]
+    opened = [open_image(image, f"reference image {index}") for index, image in enumerate(images)]
     for index, image in enumerate(opened):
         check_reference(image, index)
-    return [prepare_reference(image, multiple) for image in opened]
+    return opened
+
+
+def load_references(images, limit: int, multiple: int) -> list[mx.array]:
+    """Open, check and prepare up to `limit` reference images."""
+    return [prepare_reference(image, multiple) for image in open_references(images, limit)]
+

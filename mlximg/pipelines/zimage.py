@@ -1,20 +1,17 @@
 """Z-Image text-to-image: encode the prompt, release the encoder, denoise with flow-matching Euler, decode."""
 
-
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
 from ..cache import step_forward
 from ..loading import read_config
-from ..models.autoencoder_kl import AutoencoderKLConfig, load_autoencoder
-from ..models.qwen3_encoder import ZIMAGE_HIDDEN_LAYERS, load_text_encoder
+from ..models.autoencoder_kl import load_autoencoder
+from ..models.qwen3_encoder import ZIMAGE_HIDDEN_LAYERS, load_qwen3_encoder, load_text_encoder
 from ..models.zimage import load_zimage_transformer
 from ..schedulers import calculate_shift
-from .base import Pipeline
-from .inputs import check_prompts, initial_noise, resolve_arguments
+from .base import Pipeline, serialized
+from .inputs import check_number, check_prompts, initial_noise, resolve_arguments
 
 # Tiled decode: 512-px tiles cut a 1024x1024 decode's peak from 6.1 to 1.7 GiB (docs/MEASUREMENTS.md).
 DECODE_TILE = 512
@@ -32,19 +29,15 @@ def guided(pos: mx.array, neg: mx.array, scale: float, normalization: float) -> 
     return pred
 
 
-def vae_downsampling(model_dir: Path) -> int:
-    """Image pixels per latent pixel (8 for Z-Image's VAE), from vae/config.json as diffusers computes it."""
-    return AutoencoderKLConfig.from_dict(read_config(Path(model_dir) / "vae")).scale_factor_spatial
-
-
 class ZImagePipeline(Pipeline):
-    @classmethod
-    def size_multiple_of(cls, model_dir: Path | None) -> int:
-        # The VAE's downsampling x the transformer's 2x2 patches.
-        return cls.size_multiple if model_dir is None else 2 * vae_downsampling(model_dir)
+    family = "zimage"
+    transformer_class = "ZImageTransformer2DModel"
 
     def _load_text_encoder(self):
         return load_text_encoder(self.model_dir, dtype=self.dtype, layers=ZIMAGE_HIDDEN_LAYERS, fp8=self.fp8)
+
+    def _load_text_encoder_module(self):
+        return load_qwen3_encoder(self.model_dir, dtype=self.dtype, layers=ZIMAGE_HIDDEN_LAYERS, fp8=self.fp8)
 
     def _load_transformer(self):
         return load_zimage_transformer(self.model_dir, self.dtype, fp8=self.fp8)
@@ -102,10 +95,12 @@ class ZImagePipeline(Pipeline):
                         pred = pred.astype(mx.float32)
                     latents = self.scheduler.step(-pred, latents, sigmas[i], sigmas[i + 1])
                     self.evaluate_step(latents, teacache, stepcache)
+                    self.check_finite(latents, i, steps)
         finally:
             self.finish_caches(steps, teacache, stepcache)
         return latents
 
+    @serialized
     def generate(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
                  guidance: float | None = None, negative_prompt: str | None = None, seed: int | None = None,
                  latents=None, cfg_truncation: float = 1.0, cfg_normalization: float | bool | None = None,
@@ -116,12 +111,17 @@ class ZImagePipeline(Pipeline):
         if image is not None:
             raise ValueError("Z-Image text-to-image takes no reference image (FLUX.2 models do)")
         width, height, steps, guidance = resolve_arguments(self.defaults, width, height, steps, guidance,
-                                                           self.size_multiple)
-        normalization = float(cfg_normalization if cfg_normalization is not None
-                              else self.defaults.get("cfg_normalization", 0.0))
+                                                           self.limits)
+        normalization = cfg_normalization if cfg_normalization is not None else self.defaults.get(
+            "cfg_normalization", 0.0)
+        # diffusers takes a bool: True caps at 1x the positive prediction's norm.
+        normalization = check_number(float(normalization) if isinstance(normalization, bool) else normalization,
+                                     "cfg_normalization")
+        cfg_truncation = check_number(cfg_truncation, "cfg_truncation")
         use_cfg = guidance > 0
         check_prompts(prompt, negative_prompt, use_cfg, "guidance is 0")
         teacache, stepcache = self.resolve_caches(teacache, stepcache)
+        self.check_memory(width, height, 2 if use_cfg else 1, tiled_decode)
         downsampling = self.size_multiple // 2
         channels = read_config(self.model_dir / "transformer").get("in_channels", 16)
         shape = (1, channels, height // downsampling, width // downsampling)

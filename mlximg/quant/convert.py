@@ -2,31 +2,46 @@
 
 Peak memory is about one shard: each is loaded lazily, quantized, written and freed. The output is built in a
 temporary folder next to DST and renamed into place only after every converted component has been reloaded through
-the normal loaders and checked against the source, so an interrupted run leaves no DST that looks complete.
+the normal loaders and checked against the source, so an interrupted run leaves no DST that looks complete; a
+killed one leaves a temporary folder that the next run on DST removes (destination.py).
 """
 
+import errno
 import json
-import os
+import math
+import re
 import shutil
-import tempfile
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..loading import _INDEX_NAMES, check_safetensors, read_config, resolve_model, weight_files
+from ..loading import _INDEX_NAMES, broken_link, check_safetensors, read_config, resolve_model, weight_files
+from ..manifests import RECIPE_FILE, named_manifest
+from .destination import check_apart, check_replaceable, locked, make_temporary, publish, remove_stale
 from .format import CONFIG_KEY, Quantization, quantize_weights
-from .policy import layer_policy
+from .policy import layer_policy, quantizable
 
 # E4M3 keeps 3 mantissa bits: round-to-nearest is off by at most 2^-4 of a value (relative), so a layer's relative
 # Frobenius error is below it whatever the weights; a larger one means a wrong conversion, not FP8 rounding.
 FP8_RELATIVE_ERROR = 2.0**-4
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes quantize_weights converts
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpaceError(OSError):
+    """The output does not fit on DST's file system: one line for the CLI, after the temporary folder is gone."""
 
 
 def write_shard(path: Path, weights: dict[str, mx.array], metadata: dict[str, str]) -> None:
-    mx.save_safetensors(str(path), weights, metadata=metadata)
+    # Through a Python file: MLX writing to a path turns a full disk into a RuntimeError without errno.
+    with open(path, "wb") as file:
+        mx.save_safetensors(file, weights, metadata=metadata)
 
 
 def folder_size(folder: Path) -> int:
@@ -106,48 +121,146 @@ def verify_component(src_root: Path, out_root: Path, component: str) -> float:
     return worst
 
 
-def _replace(tmp: Path, dst: Path) -> None:
-    """Move the finished `tmp` to `dst`; an existing `dst` (--force) is removed only after the move succeeded."""
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old."))
-        os.replace(dst, old / dst.name)
-    os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old)
+def source_tree(folder: Path, inside: tuple[Path, ...] = ()) -> list[Path]:
+    """Every file and folder under `folder`, parents first, following symlinks (the HF cache's snapshots link to
+    blobs). A link that leads nowhere, or back to a folder it is inside (a loop), is an error naming it."""
+    inside = (*inside, folder.resolve())
+    tree = []
+    for path in sorted(folder.iterdir()):
+        if (link := broken_link(path)) is not None:
+            raise ValueError(f"{path} is {link}")
+        tree.append(path)
+        if path.is_dir():
+            if path.resolve() in inside:
+                raise ValueError(f"{path} is a symlink loop: it leads back to {path.resolve()}, a folder it is in")
+            tree += source_tree(path, inside)
+    return tree
+
+
+def copy_tree(src_root: Path, tree: list[Path], out: Path, skip: tuple[str, ...]) -> None:
+    """Copy the scanned `tree` into `out` as plain files and folders, except the top-level entries in `skip`."""
+    for path in tree:
+        relative = path.relative_to(src_root)
+        if relative.parts[0] in skip:
+            continue
+        if path.is_dir():
+            (out / relative).mkdir()
+        else:
+            shutil.copy2(path, out / relative)
+
+
+def estimate_size(src_root: Path, tree: list[Path], components: tuple[str, ...], quantization: Quantization) -> int:
+    """About the bytes of the output: each float weight the policy quantizes as 8-bit codes plus one 8-bit scale
+    per group (0.53x of bfloat16), everything else at its source size. Reads only the safetensors headers."""
+    policies = {name: layer_policy(name, read_config(src_root / name)) for name in components}
+    total = 0
+    for path in tree:
+        if path.is_dir():
+            continue
+        total += path.stat().st_size
+        component = path.relative_to(src_root).parts[0]
+        if component in policies and path.suffix == ".safetensors":
+            total -= _saved_by_quantizing(path, policies[component], quantization)
+    return total
+
+
+def _saved_by_quantizing(shard: Path, policy: re.Pattern | None, quantization: Quantization) -> int:
+    saved = 0
+    for key, entry in check_safetensors(shard).items():
+        layer = key.removesuffix(".weight")
+        if (key.endswith(".weight") and entry["dtype"] in FLOAT_DTYPES
+                and quantizable(layer, tuple(entry["shape"]), policy)):
+            count = math.prod(entry["shape"])
+            start, end = entry["data_offsets"]
+            saved += end - start - (count * quantization.bits // 8 + count // quantization.group_size)
+    return saved
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _space_report(folder: Path, needed: int) -> str:
+    return f"{folder}: the conversion needs about {_size(needed)}, {_size(shutil.disk_usage(folder).free)} free"
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the temporary folder is removed; only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _build(src_root: Path, tree: list[Path], dst: Path, force: bool, components: tuple[str, ...],
+           quantization: Quantization, recipe: dict | None, log: Callable[[str], None]) -> None:
+    """Convert into a temporary folder, verify, move it to `dst`; on any failure remove the temporary folder."""
+    tmp = make_temporary(dst)
+    try:
+        for name in components:
+            count = convert_component(src_root / name, tmp / name, name, quantization)
+            log(f"{name}: quantized {count} layers to {quantization.mode}")
+        copy_tree(src_root, tree, tmp, skip=components)
+        if recipe is not None:
+            (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
+            log(f"{RECIPE_FILE}: the recipe of {recipe['name']} ({json.dumps(recipe['defaults'])})")
+        for name in components:
+            worst = verify_component(src_root, tmp, name)
+            log(f"{name}: reloaded; largest relative weight error {worst:.4f} (bound {FP8_RELATIVE_ERROR})")
+        publish(tmp, dst, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _source(src: str | Path) -> tuple[Path, dict | None]:
+    """The source folder, and the recipe to write beside the output when `src` names a model (manifest name or
+    its repo id) whose folder does not carry one: a folder given by path then runs as the named model does."""
+    manifest = named_manifest(str(src))
+    if manifest is None:
+        return resolve_model(src).resolve(), None
+    folder = manifest.path or resolve_model(manifest.repo, None, manifest.download_gb)
+    return Path(folder).resolve(), None if (Path(folder) / RECIPE_FILE).is_file() else manifest.recipe()
 
 
 def convert(src: str | Path, dst: str | Path, force: bool = False, text_encoder: bool = False,
             log: Callable[[str], None] = print) -> Path:
-    """Write an FP8 copy of model `src` (folder or repo id) to `dst`: the transformer (and with `text_encoder`
-    the text encoder) quantized per the policy; every other component copied unchanged. `src` is never modified."""
+    """Write an FP8 copy of model `src` (a model name, a folder or a repo id) to `dst`: the transformer (and with
+    `text_encoder` the text encoder) quantized per the policy; every other component copied unchanged, and the
+    named model's recipe (mlximg.json). `src` is never modified, and with `force` only an earlier model folder
+    (or an empty folder) at `dst` is replaced."""
     dst = Path(dst).expanduser().resolve()
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} exists; pass --force to replace it")
-    src_root = resolve_model(src).resolve()
-    if dst == src_root or src_root in dst.parents:
-        raise ValueError(f"destination {dst} must lie outside the source {src_root}")
+    src_root, recipe = _source(src)
+    tree = source_tree(src_root)
+    check_apart(dst, src_root, tree)
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"destination folder {dst.parent} does not exist")
+    if dst.exists():
+        check_replaceable(dst)
     components = ("transformer", "text_encoder") if text_encoder else ("transformer",)
     quantization = Quantization()
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+    needed = estimate_size(src_root, tree, components, quantization)
+    if needed > shutil.disk_usage(dst.parent).free:
+        raise NoSpaceError(f"not enough free space in {_space_report(dst.parent, needed)}")
     try:
-        for item in sorted(src_root.iterdir()):
-            if item.name in components:
-                count = convert_component(item, tmp / item.name, item.name, quantization)
-                log(f"{item.name}: quantized {count} layers to {quantization.mode}")
-            elif item.is_dir():
-                shutil.copytree(item, tmp / item.name)  # follows the HF cache's symlinks
-            else:
-                shutil.copy2(item, tmp / item.name)
-        for component in components:
-            worst = verify_component(src_root, tmp, component)
-            log(f"{component}: reloaded; largest relative weight error {worst:.4f} (bound {FP8_RELATIVE_ERROR})")
-        _replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with _terminate_as_interrupt(), locked(dst):
+            remove_stale(dst, log)
+            _build(src_root, tree, dst, force, components, quantization, recipe, log)
+    except OSError as error:
+        if error.errno not in FULL_DISK:
+            raise
+        raise NoSpaceError(f"no space left on device in {_space_report(dst.parent, needed)}") from error
     for component in components:
         before, after = folder_size(src_root / component), folder_size(dst / component)
         log(f"{component}: {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({after / before:.0%})")

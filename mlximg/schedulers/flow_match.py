@@ -4,12 +4,13 @@ Sigmas run from ~1 (noise) to 0 (image); each step moves the latents by (sigma_n
 The arithmetic is float32 in diffusers' order so schedules match FlowMatchEulerDiscreteScheduler.
 """
 
-import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..configs import at_least, check_fields, from_dict
+from ..loading import read_json
 from .shifts import exponential_time_shift, linear_time_shift
 
 # Options of FlowMatchEulerDiscreteScheduler this engine does not implement; a config enabling one is refused.
@@ -21,25 +22,32 @@ _UNSUPPORTED = ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", 
 class FlowMatchConfig:
     """Field names as in diffusers' scheduler_config.json."""
 
-    num_train_timesteps: int = 1000
-    shift: float = 1.0
+    num_train_timesteps: int = at_least(1, default=1000)
+    shift: float = at_least(0, default=1.0)
     use_dynamic_shifting: bool = False
     base_shift: float = 0.5
     max_shift: float = 1.15
-    base_image_seq_len: int = 256
-    max_image_seq_len: int = 4096
+    base_image_seq_len: int = at_least(1, default=256)
+    max_image_seq_len: int = at_least(1, default=4096)
     time_shift_type: str = "exponential"
     shift_terminal: float | None = None
 
+    def __post_init__(self):
+        check_fields(self)
+        if self.time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {self.time_shift_type!r}")
+        if self.use_dynamic_shifting and self.max_image_seq_len == self.base_image_seq_len:
+            raise ValueError(f"max_image_seq_len and base_image_seq_len are both {self.max_image_seq_len}: the "
+                             "dynamic shift divides by their difference")
+        if self.shift_terminal is not None and not 0 <= self.shift_terminal < 1:
+            raise ValueError(f"shift_terminal must be in [0, 1), got {self.shift_terminal!r}")
+
     @classmethod
-    def from_dict(cls, config: dict) -> "FlowMatchConfig":
-        enabled = [name for name in _UNSUPPORTED if config.get(name)]
+    def from_dict(cls, config: dict, source: str | None = None) -> "FlowMatchConfig":
+        enabled = [name for name in _UNSUPPORTED if isinstance(config, dict) and config.get(name)]
         if enabled:
-            raise ValueError(f"scheduler options not supported: {', '.join(enabled)}")
-        if config.get("time_shift_type", "exponential") not in ("exponential", "linear"):
-            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {config['time_shift_type']!r}")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in known and v is not None})
+            raise ValueError(f"{source or 'scheduler'}: scheduler options not supported: {', '.join(enabled)}")
+        return from_dict(cls, config, source)
 
 
 class FlowMatchEulerScheduler:
@@ -51,7 +59,7 @@ class FlowMatchEulerScheduler:
         path = Path(folder) / "scheduler" / "scheduler_config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no scheduler config at {path}")
-        return cls(FlowMatchConfig.from_dict(json.loads(path.read_text())))
+        return cls(FlowMatchConfig.from_dict(read_json(path), str(path)))
 
     def sigmas(self, num_steps: int, *, mu: float | None = None, sigmas=None) -> np.ndarray:
         """num_steps + 1 float32 sigmas ending in 0.
