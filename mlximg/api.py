@@ -2,7 +2,7 @@
 
 from .loading import resolve_model
 from .manifests import FAMILY_DEFAULTS, Manifest, family_of, resolve
-from .pipelines.inputs import check_seed, resolve_arguments
+from .pipelines.inputs import check_seed, prompt_batch, resolve_arguments
 from .pipelines.limits import size_limits
 
 DEFAULT_MODEL = "z-image-turbo"
@@ -20,11 +20,15 @@ def _pipeline_class(family: str):
     raise ValueError(f"unsupported model family {family!r}")
 
 
-def check_arguments(model: str, *, width=None, height=None, steps=None, guidance=None, seed=None) -> Manifest:
+def check_arguments(model: str, *, width=None, height=None, steps=None, guidance=None, seed=None,
+                    num_images=None) -> Manifest:
     """Resolve `model` and validate the arguments against its defaults and limits: cheap (no heavy import), before
     any download or load."""
     manifest = resolve(model)
-    check_seed(seed)
+    seeds = seed if isinstance(seed, (list, tuple)) else [seed]
+    prompt_batch("", num_images if num_images is not None else len(seeds))
+    for one in seeds:
+        check_seed(one)
     if manifest.family:  # an unknown repo id's family is known only once downloaded
         defaults = manifest.defaults or FAMILY_DEFAULTS[manifest.family]
         resolve_arguments(defaults, width, height, steps, guidance, size_limits(manifest.family, manifest.path))
@@ -45,19 +49,18 @@ def load(model: str = DEFAULT_MODEL, *, dtype=None, **pipeline_options):
                                    **pipeline_options)
 
 
-def generate(prompt: str, *, model: str = DEFAULT_MODEL, width: int | None = None, height: int | None = None,
-             steps: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
-             seed: int | None = None, latents=None, quantize: str | None = None, fp8: str | None = None,
-             teacache=None, stepcache=None, **options):
-    """One PIL image for `prompt`. Unset steps / guidance / size come from the model's manifest.
+def generate(prompt, *, model: str = DEFAULT_MODEL, quantize: str | None = None, fp8: str | None = None,
+             **settings):
+    """A PIL image for `prompt` (or a list of them, see Pipeline.generate). Unset steps / guidance / size come
+    from the model's manifest. Settings: width, height, steps, guidance, negative_prompt, seed (one, or one per
+    image: s gives s, s + 1, ...), num_images, latents, callback(step, steps, latents), teacache, stepcache, and
+    the family's own (Z-Image: cfg_truncation, cfg_normalization, tiled_decode; FLUX.2: image).
 
     `quantize="fp8"` quantizes the transformer at load; `fp8` picks the FP8 execution path (matmul / dequantize).
     `teacache=True` skips transformer forwards by the manifest's "teacache" settings (a dict overrides some, a
     TeaCacheConfig replaces them); `stepcache=True` (or a dict / StepCacheConfig) reuses middle blocks' residuals.
     image.info["parameters"]["forwards"] says how many forwards ran and were skipped.
     """
-    check_arguments(model, width=width, height=height, steps=steps, guidance=guidance, seed=seed)
-    pipeline = load(model, quantize=quantize, fp8=fp8)
-    return pipeline.generate(prompt, width=width, height=height, steps=steps, guidance=guidance,
-                             negative_prompt=negative_prompt, seed=seed, latents=latents, teacache=teacache,
-                             stepcache=stepcache, **options)
+    check_arguments(model, **{k: settings.get(k) for k in ("width", "height", "steps", "guidance", "seed",
+                                                           "num_images")})
+    return load(model, quantize=quantize, fp8=fp8).generate(prompt, **settings)

@@ -7,6 +7,7 @@ import errno
 import json
 import re
 import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -14,10 +15,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .quant.execution import fp8_execution
 from .quant.float8 import float8_keys, fold_float8
 from .quant.format import Quantization, check_quantized, dequantize_weights
 from .quant.modules import quantize_module, quantize_structure
+from .quant.options import FP8Options
 from .quant.policy import layer_policy
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -206,40 +207,49 @@ def read_weights(folder: Path) -> tuple[dict[str, mx.array], bool]:
 
 
 def load_quantizable(module: nn.Module, weights: dict[str, mx.array], config: dict, component: str, name: str,
-                     dtype: mx.Dtype | None = None, fp8: str | None = None, float8: bool = False) -> nn.Module:
-    """Strict load of float, FP8 (config "quantization") or folded float8 weights.
+                     dtype: mx.Dtype | None = None, *, fp8: FP8Options | None = None) -> nn.Module:
+    """Strict load of float, FP8 (config "quantization") or folded float8 weights, then FP8 as `fp8` asks.
 
-    FP8 runs on the execution path `fp8` (matmul: QuantizedLinear; dequantize: float weights; default by backend).
-    Folded float8 weights are requantized to mxfp8 per the policy on the matmul path.
+    FP8 runs on `fp8.execution` (matmul: QuantizedLinear; dequantize: float weights). Folded float8 weights, and a
+    float checkpoint with `fp8.quantize_at_load`, are quantized to mxfp8 per the policy.
     """
-    execution = fp8_execution(fp8)
+    fp8 = fp8 or FP8Options()  # made per call: the execution path may come from MLXIMG_FP8
     policy = layer_policy(component, config)
     quantization = Quantization.from_config(config)
     if quantization is not None:
         layers = check_quantized(weights, quantization, policy, name)
-        if execution == "dequantize":
+        if fp8.execution == "dequantize":
             weights = dequantize_weights(weights, layers, quantization)
         else:
             quantize_structure(module, layers, quantization)
     load_weights_strict(module, cast_floating(weights, dtype), name)
-    if float8 and execution == "matmul":
-        quantize_module(module, policy, execution)
+    if quantization is None and (fp8.quantize_at_load or (fp8.float8_checkpoint and fp8.execution == "matmul")):
+        quantize_module(module, policy, fp8.execution)
     return module
+
+
+def load_checkpoint(module: nn.Module, folder: Path, config: dict, component: str,
+                    sanitize: Callable[[dict], dict] | None = None, dtype: mx.Dtype | None = None, *,
+                    fp8: FP8Options | None = None) -> nn.Module:
+    """Read a component folder's weights (lazily), `sanitize` their keys, and load them into `module` (see
+    load_quantizable); whether they are third-party float8 is read from the safetensors headers."""
+    weights, float8 = read_weights(folder)
+    if sanitize is not None:
+        weights = sanitize(weights)
+    return load_quantizable(module, weights, config, component, f"{folder}", dtype,
+                            fp8=replace(fp8 or FP8Options(), float8_checkpoint=float8))
 
 
 def load_component(
     model_dir: Path, component: str, build: Callable[[dict], nn.Module],
-    sanitize: Callable[[dict], dict] | None = None, dtype: mx.Dtype | None = None, fp8: str | None = None,
+    sanitize: Callable[[dict], dict] | None = None, dtype: mx.Dtype | None = None, *, fp8: FP8Options | None = None,
 ) -> nn.Module:
     """Build a component's module from its config.json and load its weights (lazily, cast to `dtype`); FP8 and
-    float8 checkpoints run on the execution path `fp8` (see load_quantizable)."""
+    float8 checkpoints load as `fp8` says (see load_quantizable)."""
     folder = component_dir(model_dir, component)
     config = read_config(folder)
     try:
         module = build(config)
     except ValueError as error:
         raise ValueError(f"{folder / 'config.json'}: {error}") from error
-    weights, float8 = read_weights(folder)
-    if sanitize is not None:
-        weights = sanitize(weights)
-    return load_quantizable(module, weights, config, component, f"{folder}", dtype, fp8, float8)
+    return load_checkpoint(module, folder, config, component, sanitize, dtype, fp8=fp8)

@@ -56,7 +56,7 @@ def run(pipeline, shape, steps, repeats, size, **caches):
         image = pipeline.generate("a red fox in the snow", width=size, height=size, steps=steps, latents=noise,
                                   **caches)
         times.append(pipeline.phases.get("denoise").seconds)
-    return np.asarray(image, dtype=np.float64), image.info["parameters"]["forwards"], statistics.median(times)
+    return np.asarray(image, dtype=np.float64), image.info["parameters"], statistics.median(times)
 
 
 def main() -> None:
@@ -83,8 +83,9 @@ def main() -> None:
             for steps in args.steps:
                 reference, _, base_time = run(pipeline, shape, steps, args.repeats, args.size)
                 for name, caches in configs(1 if args.mid else 0):
-                    image, forwards, seconds = run(pipeline, shape, steps, args.repeats, args.size, **caches)
-                    reused = pipeline.cache_report.get("stepcache", {}).get("blocks_skipped", "-")
+                    image, parameters, seconds = run(pipeline, shape, steps, args.repeats, args.size, **caches)
+                    forwards = parameters["forwards"]
+                    reused = parameters.get("stepcache", {}).get("blocks_skipped", "-")
                     deviation = np.abs(image - reference)
                     print(f"| {family} | {steps} | {name} | {forwards['computed']} / {forwards['skipped']} | "
                           f"{reused} | {seconds:.3f} | {seconds / base_time:.2f}x | {deviation.mean():.1f} | "

@@ -50,19 +50,24 @@ class Recorder(TeaCache):
         super().store(value)
 
 
+class Recording(TeaCacheConfig):
+    """TeaCache settings whose run is a Recorder: the pipeline starts it like any TeaCache."""
+
+    def start(self, num_steps: int, tracker) -> Recorder:
+        self.recorder = Recorder(tracker)
+        return self.recorder
+
+
 def record(pipeline, prompts: list[str], seeds: list[int], steps: int, guidance: float, size: int | None,
            negative_prompt: str | None = None) -> np.ndarray:
     """(N, 2) pairs of (signal change, output change) over every prompt, seed and step after the first."""
     pairs = []
     for prompt in prompts:
         for seed in seeds:
-            recorder = Recorder(pipeline.tracker)
-            # Inject the recorder as this run's TeaCache; StepCache stays off.
-            pipeline.start_caches = lambda teacache, stepcache, steps: (recorder, None)
+            recording = Recording(threshold=0.0, mode="modulated")
             pipeline.generate(prompt, steps=steps, guidance=guidance, seed=seed, width=size, height=size,
-                              negative_prompt=negative_prompt, teacache=True)
-            pairs.extend(recorder.pairs)
-    del pipeline.start_caches
+                              negative_prompt=negative_prompt, teacache=recording)
+            pairs.extend(recording.recorder.pairs)
     return np.array(pairs, dtype=np.float64)
 
 

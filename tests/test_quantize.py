@@ -25,6 +25,7 @@ from mlximg.models.zimage import load_zimage_transformer
 from mlximg.quant import convert as convert_module
 from mlximg.quant import destination
 from mlximg.quant.convert import convert
+from mlximg.quant.options import FP8Options
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 quiet = lambda line: None  # noqa: E731
@@ -480,7 +481,7 @@ def _quantize_final_layer(weights):
 ])
 def test_bad_quantized_weights(quantized, tmp_path, edit, message):
     with pytest.raises(ValueError, match=message):
-        load_zimage_transformer(broken_copy(quantized, tmp_path, edit=edit), fp8="matmul")
+        load_zimage_transformer(broken_copy(quantized, tmp_path, edit=edit), fp8=FP8Options(execution="matmul"))
 
 
 def test_a_named_model_keeps_its_recipe(source, tmp_path, monkeypatch):

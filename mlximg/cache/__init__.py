@@ -1,6 +1,6 @@
 """Step caching for the denoising loop: TeaCache (skip whole transformer forwards) and StepCache (reuse the
-middle blocks' residual between refresh steps). Both are model-agnostic; the transformers call them through
-optional `teacache=` / `stepcache=` arguments and compute exactly as before when those are None."""
+middle blocks' residual between refresh steps). Both are model-agnostic; they reach the transformers through
+one BlockRunner (runner.py), and the plain runner computes exactly as without them."""
 
 from .config import resolve_stepcache, resolve_teacache
 from .stepcache import StepCache, StepCacheConfig, run_blocks

@@ -35,6 +35,10 @@ class StepCacheConfig:
     def describe(self) -> dict:
         return {"interval": self.interval, "first_blocks": self.first_blocks, "last_blocks": self.last_blocks}
 
+    def start(self, tracker: Tracker) -> "StepCache":
+        """This config's per-run state."""
+        return StepCache(self, tracker)
+
 
 class StepCache:
     def __init__(self, config: StepCacheConfig | None = None, tracker: Tracker | None = None):

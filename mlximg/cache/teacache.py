@@ -53,6 +53,10 @@ class TeaCacheConfig:
     def describe(self) -> dict:
         return {"mode": self.mode, "threshold": self.threshold, "calibrated": self.calibrated}
 
+    def start(self, num_steps: int, tracker: Tracker) -> "TeaCache":
+        """This config's per-run state (a subclass may return its own kind: scripts/calibrate_teacache.py)."""
+        return TeaCache(self, num_steps, tracker)
+
 
 class TeaCache:
     """Per-run state: the previous signal, the accumulated change, the cached entries and hit / miss counts."""
@@ -69,7 +73,6 @@ class TeaCache:
         self.consecutive_skips = 0
         self.hits = 0  # steps that reused the cache
         self.misses = 0  # steps that ran the transformer
-        self.decisions: list[bool] = []  # True where the step was computed
 
     # -- decisions -------------------------------------------------------------------------------------------
 
@@ -95,7 +98,6 @@ class TeaCache:
         else:
             self.consecutive_skips += 1
             self.hits += 1
-        self.decisions.append(compute)
         return compute
 
     def change(self, signal) -> float | None:
@@ -156,16 +158,16 @@ class TeaCache:
 
 
 def step_forward(teacache: TeaCache | None, step: int, t: float, contexts: tuple, forward):
-    """One denoising step's transformer output. `forward(teacache)` runs the transformer, passing the cache to
-    models in "modulated" mode; in "timestep" mode the whole call is skipped when the cache allows."""
+    """One denoising step's transformer output, `forward()`. In "timestep" mode the whole call is skipped when the
+    cache allows; in "modulated" mode the model's BlockRunner decides inside the forward."""
     if teacache is None:
-        return forward(None)
+        return forward()
     teacache.begin(step, contexts)
     if teacache.config.mode == "modulated":
-        return forward(teacache)
+        return forward()
     cached = teacache.reuse(float(t))
     if cached is not None:
         return cached
-    out = forward(None)
+    out = forward()
     teacache.store(out)
     return out

@@ -13,9 +13,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..cache import run_blocks
+from ..cache.runner import BlockRunner
 from ..configs import at_least, check_fields, from_dict
 from ..loading import load_component
+from ..quant.options import FP8Options
 from ..nn import RMSNorm, attention, layer_norm, norm_rope_heads, rope_tables, silu_mul, timestep_embedding
 
 TIME_SCALE = 1000.0  # the model gets sigma (and the guidance scale) and embeds them x1000
@@ -304,18 +305,29 @@ class Flux2Transformer(nn.Module):
             guidance = mx.broadcast_to(mx.array(guidance), (batch,)).astype(dtype) * TIME_SCALE
         return self.time_guidance_embed(t, guidance)
 
+    def blocks(self, img: mx.array, txt: mx.array, modulation, rope, runner: BlockRunner) -> mx.array:
+        """Double-stream blocks over (image, text), then single-stream blocks over [text, image]; the image part."""
+        mod_img, mod_txt, mod_single = modulation
+        img, txt = runner.stack("transformer_blocks", self.transformer_blocks, (img, txt),
+                                lambda block, h: block(*h, mod_img, mod_txt, rope), record=lambda h: h[::-1])
+        h = mx.concatenate([txt, img], axis=1)
+        h = runner.stack("single_transformer_blocks", self.single_transformer_blocks, h,
+                         lambda block, h: block(h, mod_single, rope))
+        return h[:, txt.shape[1]:]
+
     def __call__(
         self, x: mx.array, text: mx.array, t, img_ids=None, txt_ids=None, guidance=None, *,
-        rope: tuple[mx.array, mx.array] | None = None, capture: list | None = None, teacache=None, stepcache=None,
+        rope: tuple[mx.array, mx.array] | None = None, capture: list | None = None, runner: BlockRunner | None = None,
     ) -> mx.array:
         """x (B, N_img, in_channels) packed latent tokens (reference-image tokens appended after them), text
         (B, N_txt, joint_attention_dim), t: sigma in [0, 1], scalar or (B,); guidance: the embedded guidance
         scale (dev only), scalar or (B,), or None. Positions come as `img_ids` / `txt_ids` or as `rope`
         (from `self.rope`). Returns (B, N_img, patch^2 * out_channels) in the model's dtype: the velocity
-        for every image token (slice off the reference tokens). `capture`, if a list, receives
-        (block name, output) after every block, for parity tests. `teacache` (modulated mode) may replace all
-        blocks by their cached residual on the image stream; `stepcache` caches the middle of each block kind.
+        for every image token (slice off the reference tokens). `runner` (cache/runner.py) runs the blocks: the
+        caches reach the model through it; `capture`, if a list, receives (block name, output) after every block,
+        for parity tests.
         """
+        runner = runner or BlockRunner(capture=capture)
         dtype = self.dtype
         x, text = x.astype(dtype), text.astype(dtype)
         (batch, n_img, _), n_txt = x.shape, text.shape[1]
@@ -328,40 +340,21 @@ class Flux2Transformer(nn.Module):
                              "image tokens")
 
         temb = self.conditioning(t, guidance, batch, dtype)
-        mod_img = self.double_stream_modulation_img(temb)
-        mod_txt = self.double_stream_modulation_txt(temb)
-        mod_single = self.single_stream_modulation(temb)[0]
-
+        modulation = (self.double_stream_modulation_img(temb), self.double_stream_modulation_txt(temb),
+                      self.single_stream_modulation(temb)[0])
         img, txt = self.x_embedder(x), self.context_embedder(text)
-        if teacache is not None:  # a skipped step runs only the output layers, on input + the cached residual
-            embedded = img
-            residual = teacache.reuse(self.modulated_input(img, mod_img, mod_single))
-            if residual is not None:
-                return self.proj_out(self.norm_out(embedded + residual, temb))
-        img, txt = run_blocks(self.transformer_blocks, (img, txt),
-                              lambda block, h: block(*h, mod_img, mod_txt, rope),
-                              lambda i, h: self._capture(capture, f"transformer_blocks.{i}", h[::-1]),
-                              stepcache, "transformer_blocks")
-        h = mx.concatenate([txt, img], axis=1)
-        h = run_blocks(self.single_transformer_blocks, h, lambda block, h: block(h, mod_single, rope),
-                       lambda i, h: self._capture(capture, f"single_transformer_blocks.{i}", h),
-                       stepcache, "single_transformer_blocks")
-        if teacache is not None:
-            teacache.store(h[:, n_txt:] - embedded)
-        return self.proj_out(self.norm_out(h[:, n_txt:], temb))
+        img = runner.body(img, lambda: self.modulated_input(img, modulation[0], modulation[2]),
+                          lambda img: self.blocks(img, txt, modulation, rope, runner))
+        return self.proj_out(self.norm_out(img, temb))
 
     def modulated_input(self, img: mx.array, mod_img, mod_single) -> mx.array:
         """The first block's modulated image input: TeaCache's signal of how much this step's input changed."""
         shift, scale, _ = mod_img[0] if self.transformer_blocks else mod_single
         return _modulate(img, shift, scale, self.args.eps)
 
-    @staticmethod
-    def _capture(capture: list | None, name: str, value) -> None:
-        if capture is not None:
-            capture.append((name, value))
 
-
-def load_flux2_transformer(model_dir, dtype: mx.Dtype | None = None, fp8: str | None = None) -> Flux2Transformer:
+def load_flux2_transformer(model_dir, dtype: mx.Dtype | None = None, *,
+                           fp8: FP8Options | None = None) -> Flux2Transformer:
     """The `transformer/` component; its checkpoint keys are our module paths, so there is nothing to sanitize."""
     return load_component(model_dir, "transformer", lambda config: Flux2Transformer(Flux2Config.from_dict(config)),
                           dtype=dtype, fp8=fp8)

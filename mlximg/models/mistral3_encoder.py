@@ -17,7 +17,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import llama
 
-from ..loading import component_dir, load_quantizable, read_config, read_json_object, read_weights
+from ..loading import component_dir, load_checkpoint, read_config, read_json_object
+from ..quant.options import FP8Options
 from .decoder_states import (DecoderHiddenStates, check_decoder_config, prompt_list, resolve_hidden_layer,
                              warn_truncated)
 
@@ -197,7 +198,8 @@ class Mistral3TextEncoder:
 
 
 def load_mistral3_module(model_dir: str | Path, dtype: mx.Dtype | None = None,
-                         layers: Iterable[int] = FLUX2_DEV_HIDDEN_LAYERS, fp8: str | None = None) -> Mistral3Encoder:
+                         layers: Iterable[int] = FLUX2_DEV_HIDDEN_LAYERS, *,
+                         fp8: FP8Options | None = None) -> Mistral3Encoder:
     """The `text_encoder/` module alone, weights loaded lazily (nothing is read until evaluated); only the decoder
     layers `layers` need are built and loaded (30 of Mistral Small's 40 for FLUX.2 [dev])."""
     encoder_dir = component_dir(Path(model_dir), "text_encoder")
@@ -210,13 +212,11 @@ def load_mistral3_module(model_dir: str | Path, dtype: mx.Dtype | None = None,
         model = Mistral3Encoder(args, max(resolve_hidden_layer(k, args.num_hidden_layers) for k in layers))
     except ValueError as error:
         raise ValueError(f"{encoder_dir / 'config.json'}: {error}") from error
-    weights, float8 = read_weights(encoder_dir)
-    return load_quantizable(model, model.sanitize(weights), config, "text_encoder", str(encoder_dir), dtype, fp8,
-                            float8)
+    return load_checkpoint(model, encoder_dir, config, "text_encoder", model.sanitize, dtype, fp8=fp8)
 
 
 def load_mistral3_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None,
-                          layers: Iterable[int] = FLUX2_DEV_HIDDEN_LAYERS, fp8: str | None = None,
+                          layers: Iterable[int] = FLUX2_DEV_HIDDEN_LAYERS, *, fp8: FP8Options | None = None,
                           ) -> Mistral3TextEncoder:
     """The `tokenizer/` and `text_encoder/` components of a FLUX.2 [dev] diffusers folder (see
     `load_mistral3_module`). `dtype`: cast floating weights to it; None keeps the checkpoint's."""
@@ -225,5 +225,5 @@ def load_mistral3_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None,
     component_dir(Path(model_dir), "text_encoder")  # named first when both are missing
     tokenizer_dir = component_dir(Path(model_dir), "tokenizer")
     chat_template = processor_chat_template(tokenizer_dir)
-    model = load_mistral3_module(model_dir, dtype, layers, fp8)
+    model = load_mistral3_module(model_dir, dtype, layers, fp8=fp8)
     return Mistral3TextEncoder(AutoTokenizer.from_pretrained(tokenizer_dir), chat_template, model, tuple(layers))

@@ -15,7 +15,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import qwen3
 
-from ..loading import component_dir, load_quantizable, read_config, read_weights
+from ..loading import component_dir, load_checkpoint, read_config
+from ..quant.options import FP8Options
 from .decoder_states import (DecoderHiddenStates, check_decoder_config, prompt_list, resolve_hidden_layer,
                              warn_truncated)
 
@@ -124,12 +125,12 @@ class TextEncoder:
 
 
 def load_qwen3_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None, layers: Iterable[int] | None = None,
-                       fp8: str | None = None) -> Qwen3Encoder:
+                       *, fp8: FP8Options | None = None) -> Qwen3Encoder:
     """The `text_encoder/` module alone, weights loaded lazily (nothing is read until evaluated).
 
     `layers`: the hidden-state indices the encoder will be asked for (e.g. ZIMAGE_HIDDEN_LAYERS); only the decoder
     layers they need are built and loaded. None keeps all but the last, enough for any index but the final-norm one.
-    `dtype`: cast floating weights to it; None keeps the checkpoint's. `fp8`: the FP8 execution path.
+    `dtype`: cast floating weights to it; None keeps the checkpoint's. `fp8`: how FP8 weights load.
     """
     encoder_dir = component_dir(Path(model_dir), "text_encoder")
     config = read_config(encoder_dir)
@@ -144,15 +145,13 @@ def load_qwen3_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None, lay
         model = Qwen3Encoder(args, num_layers)
     except ValueError as error:
         raise ValueError(f"{encoder_dir / 'config.json'}: {error}") from error
-    weights, float8 = read_weights(encoder_dir)
-    return load_quantizable(model, model.sanitize(weights), config, "text_encoder", str(encoder_dir), dtype, fp8,
-                            float8)
+    return load_checkpoint(model, encoder_dir, config, "text_encoder", model.sanitize, dtype, fp8=fp8)
 
 
 def load_text_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None,
-                      layers: Iterable[int] | None = None, fp8: str | None = None) -> TextEncoder:
+                      layers: Iterable[int] | None = None, *, fp8: FP8Options | None = None) -> TextEncoder:
     """The `tokenizer/` and `text_encoder/` components of a diffusers folder (see `load_qwen3_encoder`)."""
     from transformers import AutoTokenizer
 
-    model = load_qwen3_encoder(model_dir, dtype, layers, fp8)
+    model = load_qwen3_encoder(model_dir, dtype, layers, fp8=fp8)
     return TextEncoder(AutoTokenizer.from_pretrained(component_dir(Path(model_dir), "tokenizer")), model)

@@ -12,9 +12,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..cache import run_blocks
+from ..cache.runner import PLAIN, BlockRunner
 from ..configs import at_least, check_fields, from_dict
 from ..loading import load_component
+from ..quant.options import FP8Options
 from ..nn import RMSNorm, attention, layer_norm, norm_rope_heads, rope_tables, silu_mul, timestep_embedding
 
 SEQ_MULTIPLE = 32  # every token sequence is padded to a multiple of this
@@ -231,7 +232,7 @@ class ZImageTransformer(nn.Module):
             img_pos.append(img)
         return np.stack(cap_pos), np.stack(img_pos)
 
-    def condition(self, cap_feats: list[mx.array], grid: tuple[int, int], capture: list | None = None) -> Conditioning:
+    def condition(self, cap_feats: list[mx.array], grid: tuple[int, int], runner: BlockRunner = PLAIN) -> Conditioning:
         """What every step of a run shares: captions through the context refiner (it has no timestep input),
         RoPE tables and masks. `grid`: the image's patch grid (H / patch, W / patch)."""
         cap, cap_lengths = self.embed_captions(cap_feats)
@@ -239,59 +240,54 @@ class ZImageTransformer(nn.Module):
         cap_pos, img_pos = self.positions(cap_lengths, grid, image_length)
         img_rope, cap_rope = self.rope(img_pos), self.rope(cap_pos)
         cap_mask = _key_mask(cap_lengths, cap.shape[1])
-        for i, block in enumerate(self.context_refiner):
-            cap = block(cap, cap_rope, cap_mask)
-            self._capture(capture, f"context_refiner.{i}", cap)
+        cap = runner.stack("context_refiner", self.context_refiner, cap,
+                           lambda block, h: block(h, cap_rope, cap_mask), reusable=False)
         rope = (mx.concatenate([img_rope[0], cap_rope[0]], axis=2), mx.concatenate([img_rope[1], cap_rope[1]], axis=2))
         mask = _key_mask([image_length + n for n in cap_lengths], image_length + cap.shape[1])
         return Conditioning(cap, img_rope, rope, mask)
 
+    def embed(self, latents: mx.array, key: str, patch: int) -> mx.array:
+        """Image tokens, padded to a multiple of 32 with the learned pad token."""
+        x = self.all_x_embedder[key](self.patchify(latents, patch))
+        pads = padded_length(x.shape[1]) - x.shape[1]
+        return mx.concatenate([x, mx.broadcast_to(self.x_pad_token, (x.shape[0], pads, x.shape[2]))], axis=1) \
+            if pads else x
+
+    def blocks(self, x: mx.array, adaln: mx.array, conditioning: Conditioning, runner: BlockRunner) -> mx.array:
+        """The noise refiner over the image tokens, then the main layers over [image, caption]; the image part."""
+        x = runner.stack("noise_refiner", self.noise_refiner, x,
+                         lambda block, h: block(h, conditioning.image_rope, None, adaln), reusable=False)
+        unified = mx.concatenate([x, conditioning.captions], axis=1)
+        unified = runner.stack("layers", self.layers, unified,
+                               lambda block, h: block(h, conditioning.rope, conditioning.mask, adaln))
+        return unified[:, :x.shape[1]]
+
     def __call__(self, latents: mx.array, t: mx.array, cap_feats: list[mx.array] | None = None,
                  capture: list | None = None, patch: int = 2, f_patch: int = 1, conditioning: Conditioning | None = None,
-                 teacache=None, stepcache=None) -> mx.array:
+                 runner: BlockRunner | None = None) -> mx.array:
         """latents (B, C, H, W), t (B,) in [0, 1] (1 = clean image), one (L_i, cap_feat_dim) caption per sample,
         or their `conditioning` (from `condition`, computed once per run).
 
-        Returns the model output (B, C, H, W); the velocity is its negation. `capture`, if a list, receives
-        (block name, hidden states) after every block, for parity tests. `teacache` (modulated mode) may replace
-        the refiners and main layers by their cached residual; `stepcache` caches the main layers' middle.
+        Returns the model output (B, C, H, W); the velocity is its negation. `runner` (cache/runner.py) runs the
+        blocks: the caches reach the model through it; `capture`, if a list, receives (block name, hidden
+        states) after every block, for parity tests.
         """
+        runner = runner or BlockRunner(capture=capture)
         key = f"{patch}-{f_patch}"
-        b, c, height, width = latents.shape
+        height, width = latents.shape[2:]
         adaln = self.t_embedder(t * self.args.t_scale)
-
-        x = self.all_x_embedder[key](self.patchify(latents, patch))
-        n_img = x.shape[1]
-        image_length = padded_length(n_img)
-        if image_length > n_img:
-            x = mx.concatenate([x, mx.broadcast_to(self.x_pad_token, (b, image_length - n_img, x.shape[2]))], axis=1)
-        if teacache is not None:  # a skipped step runs only the final layer, on input + the cached residual
-            embedded = x[:, :n_img]
-            residual = teacache.reuse(self.noise_refiner[0].modulated_input(x, adaln))
-            if residual is not None:
-                return self.unpatchify(self.all_final_layer[key](embedded + residual, adaln), height, width, patch)
         if conditioning is None:
-            conditioning = self.condition(cap_feats, (height // patch, width // patch), capture)
+            conditioning = self.condition(cap_feats, (height // patch, width // patch), runner)
 
-        for i, block in enumerate(self.noise_refiner):
-            x = block(x, conditioning.image_rope, None, adaln)
-            self._capture(capture, f"noise_refiner.{i}", x)
-        unified = mx.concatenate([x, conditioning.captions], axis=1)
-        unified = run_blocks(self.layers, unified, lambda block, h: block(h, conditioning.rope, conditioning.mask, adaln),
-                             lambda i, h: self._capture(capture, f"layers.{i}", h), stepcache, "layers")
-        if teacache is not None:
-            teacache.store(unified[:, :n_img] - embedded)
-
-        out = self.all_final_layer[key](unified[:, :n_img], adaln)
-        return self.unpatchify(out, height, width, patch)
-
-    @staticmethod
-    def _capture(capture: list | None, name: str, value: mx.array) -> None:
-        if capture is not None:
-            capture.append((name, value))
+        x = self.embed(latents, key, patch)
+        x = runner.body(x, lambda: self.noise_refiner[0].modulated_input(x, adaln),
+                        lambda x: self.blocks(x, adaln, conditioning, runner))
+        tokens = (height // patch) * (width // patch)
+        return self.unpatchify(self.all_final_layer[key](x[:, :tokens], adaln), height, width, patch)
 
 
-def load_zimage_transformer(model_dir, dtype: mx.Dtype | None = None, fp8: str | None = None) -> ZImageTransformer:
+def load_zimage_transformer(model_dir, dtype: mx.Dtype | None = None, *,
+                            fp8: FP8Options | None = None) -> ZImageTransformer:
     """The `transformer/` component; its checkpoint keys are our module paths, so there is nothing to sanitize."""
     return load_component(model_dir, "transformer", lambda config: ZImageTransformer(ZImageConfig.from_dict(config)),
                           dtype=dtype, fp8=fp8)

@@ -1,37 +1,35 @@
-"""What every pipeline shares: components checked up front, loaded on first use and kept through a Tracker,
-the text encoder released once the prompt is encoded, and per-phase time and memory."""
+"""What every pipeline shares: components checked up front, loaded on first use and kept through a Tracker, the
+text encoder released once the prompts are encoded, one run's settings validated before any work, the shared
+denoising loop (denoise.py), per-image decoding and per-phase time and memory.
 
-import functools
+A family (zimage.py, flux2.py) supplies its loaders, what a run of it takes (`prepare_options`), how it encodes
+a run's prompts (`condition`) and the Denoiser that drives its transformer.
+"""
+
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..cache import StepCache, TeaCache, resolve_stepcache, resolve_teacache
+from ..cache import resolve_stepcache, resolve_teacache
+from ..cache.stepcache import StepCacheConfig
+from ..cache.teacache import TeaCacheConfig
 from ..loading import check_json_files, component_dir, read_config, read_json_object
-from ..quant import Quantization, fp8_execution, layer_policy
-from ..quant.modules import quantize_module
+from ..quant.options import FP8Options
 from ..runtime import PhaseLog, Tracker, compute_dtype
 from ..schedulers import FlowMatchEulerScheduler
-from .inputs import to_image
+from .denoise import Denoiser, Schedule, StepState, denoise
+from .inputs import check_prompts, initial_noise, negative_batch, prompt_batch, resolve_arguments, seed_batch, to_image
 from .limits import check_memory, estimate_peak_memory, size_limits
+
+QUANTIZE_MODES = ("fp8",)
 
 
 class NonFiniteError(ValueError):
     """A run produced NaN or inf: reported with its likely cause instead of saving a black image."""
-
-
-def serialized(method):
-    """One call at a time per pipeline: a run loads, releases and caches components, which another run in a
-    second thread must not see half done. Two pipelines run in parallel freely."""
-
-    @functools.wraps(method)
-    def locked(self, *args, **kwargs):
-        with self.lock:
-            return method(self, *args, **kwargs)
-
-    return locked
 
 
 def first_nonfinite_weight(module) -> str | None:
@@ -42,12 +40,29 @@ def first_nonfinite_weight(module) -> str | None:
     return None
 
 
+@dataclass
+class Run:
+    """One call's settings, validated: one prompt, negative prompt and seed per image."""
+
+    prompts: list[str]
+    negative_prompts: list[str] | None  # None: no classifier-free guidance
+    seeds: list[int | None]  # None where the caller gave the latents
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    latents: mx.array  # the initial noise (B, C, h, w), float32
+    teacache: TeaCacheConfig | None = None
+    stepcache: StepCacheConfig | None = None
+    options: dict = field(default_factory=dict)  # the family's own, validated
+    several: bool = False  # the caller asked for a list of images
+    progress: bool = False
+
+
 class Pipeline:
     components = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
     family = ""  # as manifests name it
     transformer_class = ""  # the diffusers class transformer/config.json must name
-    quantize_modes = ("fp8",)
-    quantized_components = ("transformer",)  # what quantize="fp8" quantizes right after loading
 
     def __init__(self, model_dir: Path, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False,
                  quantize: str | None = None, fp8: str | None = None, teacache_defaults: dict | None = None):
@@ -64,17 +79,20 @@ class Pipeline:
         self.dtype = compute_dtype(dtype)
         self.scheduler = FlowMatchEulerScheduler.from_pretrained(self.model_dir)
         self.keep_text_encoder = keep_text_encoder
-        if quantize not in (None, *self.quantize_modes):
-            raise ValueError(f"unknown quantize mode {quantize!r}; choose one of {', '.join(self.quantize_modes)}")
-        self.quantize = quantize
-        self.fp8 = fp8_execution(fp8)
+        if quantize not in (None, *QUANTIZE_MODES):
+            raise ValueError(f"unknown quantize mode {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+        self.fp8 = FP8Options(execution=fp8)
+        self.transformer_fp8 = FP8Options(quantize_at_load=quantize == "fp8", execution=fp8)
         self.tracker = Tracker()
         self.phases = PhaseLog()
         self.loaded: dict[str, object] = {}
         self.teacache_defaults = teacache_defaults
-        self.cache_report: dict = {}
+        # One run at a time: a run loads, releases and caches components, which a second thread must not see half
+        # done. Two pipelines run side by side freely.
         self.lock = threading.RLock()
         self.check_components()
+
+    # -- components ------------------------------------------------------------------------------------------
 
     def check_family(self) -> None:
         """model_index.json names this pipeline; the transformer must be the class it goes with."""
@@ -93,50 +111,89 @@ class Pipeline:
         self._load_text_encoder_module()
         check_json_files(self.model_dir / "tokenizer")
 
-    def _load_text_encoder_module(self):
-        raise NotImplementedError
-
-    def check_memory(self, width: int, height: int, batch: int, tiled_decode: bool = False) -> None:
-        """Refuse a run whose lower-bound memory estimate exceeds this machine's memory, before any work."""
-        estimate = estimate_peak_memory(self.family, self.model_dir, width, height, batch, self.dtype.size,
-                                        tiled_decode)
-        check_memory(estimate)
-
     def component(self, name: str):
         """The component `name`, loaded by `self._load_<name>()` on first use and kept under its name."""
         if name not in self.loaded:
             loaded = getattr(self, f"_load_{name}")()
-            if self.quantize and name in self.quantized_components:
-                self._quantize_loaded(name, loaded)
             # A text encoder wraps its MLX module (`.model`) with the tokenizer.
             self.tracker.keep(loaded.model if name == "text_encoder" else loaded, owner=name)
             self.loaded[name] = loaded
         return self.loaded[name]
-
-    def _quantize_loaded(self, name: str, module) -> None:
-        config = read_config(self.model_dir / name)
-        if Quantization.from_config(config) is None:  # an FP8 checkpoint is already quantized
-            quantize_module(module, layer_policy(name, config), self.fp8)
 
     def release(self, name: str) -> int:
         """Free a loaded component now (it reloads if used again); returns the bytes released."""
         del self.loaded[name]
         return self.tracker.release(name)
 
+    # -- a run -----------------------------------------------------------------------------------------------
+
+    def generate(self, prompt, *, callback: Callable[[int, int, mx.array], None] | None = None, **settings):
+        """An image for `prompt`, or a list of images when asked for several (a list of prompts, `num_images`, or
+        a list of seeds); each image's `info["parameters"]` records its settings and how many transformer
+        forwards ran. `callback(step, steps, latents)` is called after each step with the latents (B, C, h, w)
+        in diffusers' layout. The settings are those of `steps`."""
+        with self.lock:
+            run = self.prepare(prompt, **settings)
+            final = None
+            for final in self.run_steps(run):
+                if callback is not None:
+                    callback(final.step, final.steps, final.latents)
+            images = [self.decode(final.latents[i:i + 1], **self.decode_options(run)) for i in range(len(run.prompts))]
+            for i, image in enumerate(images):
+                image.info["parameters"] = self.parameters(run, i, final.report)
+            return images if run.several else images[0]
+
+    def steps(self, prompt, **settings) -> Iterator[StepState]:
+        """The denoising steps of a run, one StepState each (the latents after it, what the caches did), for a
+        caller that shows, previews or stops them; `decode(state.latents)` makes images of them. Settings:
+        width, height, steps, guidance, negative_prompt, seed (one, or one per image), latents, num_images,
+        progress, teacache, stepcache, and the family's own. Iterate it in the thread that made it."""
+        with self.lock:
+            yield from self.run_steps(self.prepare(prompt, **settings))
+
+    def prepare(self, prompt, *, width=None, height=None, steps=None, guidance=None, negative_prompt=None,
+                seed=None, latents=None, num_images=None, progress: bool = False, teacache=None, stepcache=None,
+                **options) -> Run:
+        """Validate a call's settings (cheap: before any model work) into a Run."""
+        options, width, height = self.prepare_options(options, width, height)
+        width, height, steps, guidance = resolve_arguments(self.defaults, width, height, steps, guidance,
+                                                           self.limits)
+        if isinstance(seed, (list, tuple)) and num_images is None and isinstance(prompt, str):
+            num_images = len(seed)
+        prompts = prompt_batch(prompt, num_images)
+        cfg = self.uses_cfg(guidance, options)
+        check_prompts(prompts[0], negative_prompt, cfg, self.no_cfg_reason(guidance))
+        negatives = negative_batch(negative_prompt, prompt, num_images) if cfg else None
+        seeds = seed_batch(seed, len(prompts))
+        self.check_memory(width, height, len(prompts) * (2 if cfg else 1), options)
+        noise, seeds = initial_noise(self.latent_shape(len(prompts), width, height), seeds, latents)
+        return Run(prompts, negatives, seeds, width, height, steps, guidance, noise,
+                   resolve_teacache(teacache, self.teacache_defaults), resolve_stepcache(stepcache), options,
+                   several=not isinstance(prompt, str) or num_images is not None or isinstance(seed, (list, tuple)),
+                   progress=progress)
+
+    def run_steps(self, run: Run) -> Iterator[StepState]:
+        """Encode, then the shared denoising loop with this family's Denoiser."""
+        self.phases.clear()
+        denoiser = self.denoiser(run)
+        with self.phases.phase("denoise"):
+            yield from denoise(denoiser, run.latents, self.schedule(run), self.scheduler, self.tracker,
+                               teacache=run.teacache, stepcache=run.stepcache, check=self.check_finite,
+                               progress=run.progress)
+
     def encode(self, prompts: list[str]):
-        """Prompt embeddings, evaluated; the text encoder is released afterwards unless `keep_text_encoder`."""
+        """Embeddings of each distinct prompt, evaluated, and for each of `prompts` the index of its embedding;
+        the text encoder is released afterwards unless `keep_text_encoder`."""
+        distinct = list(dict.fromkeys(prompts))
         with self.phases.phase("encode"):
-            embeddings = self.encode_prompts(self.component("text_encoder"), prompts)
+            embeddings = self.encode_prompts(self.component("text_encoder"), distinct)
             self.tracker.eval(embeddings)
             if not self.keep_text_encoder:
                 self.release("text_encoder")
-        return embeddings
-
-    def encode_prompts(self, text_encoder, prompts: list[str]):
-        raise NotImplementedError
+        return embeddings, [distinct.index(p) for p in prompts]
 
     def decode(self, latents: mx.array, **vae_options):
-        """Latents in the diffusion model's layout -> PIL image, in the "decode" phase; options go to the VAE."""
+        """Latents (1, C, h, w) in diffusers' layout -> PIL image, in the "decode" phase; options go to the VAE."""
         with self.phases.phase("decode"):
             vae = self.component("vae")
             decoded = vae.decode_latents(latents.astype(self.dtype), **vae_options)
@@ -144,6 +201,11 @@ class Pipeline:
         if not mx.isfinite(decoded).all().item():
             raise NonFiniteError("the VAE decoded NaN or inf from finite latents: " + self._weights_verdict("vae", vae))
         return to_image(decoded)
+
+    def check_memory(self, width: int, height: int, batch: int, options: dict) -> None:
+        """Refuse a run whose lower-bound memory estimate exceeds this machine's memory, before any work."""
+        check_memory(estimate_peak_memory(self.family, self.model_dir, width, height, batch, self.dtype.size,
+                                          bool(options.get("tiled_decode"))))
 
     def check_finite(self, latents: mx.array, step: int, steps: int) -> None:
         """After each step: a non-finite latent ends the run at once, with its likely cause."""
@@ -158,32 +220,43 @@ class Pipeline:
         return (f"the {name}'s weights are all finite, so look at the inputs and the schedule "
                 f"({self.model_dir / 'scheduler' / 'scheduler_config.json'})")
 
-    def evaluate_step(self, latents: mx.array, *caches) -> mx.array:
-        """End of a denoising step: evaluate, so each step's graph is freed before the next is built; cached
-        arrays are evaluated with it, so that none of them holds on to the step's graph."""
-        cached = [a for cache in caches if cache is not None for a in cache.arrays()]
-        return self.tracker.eval(latents, *cached)[0] if cached else self.tracker.eval(latents)
+    def parameters(self, run: Run, index: int, report: dict) -> dict:
+        """Image `index`'s settings for its metadata: no timings, so that the same settings give the same file."""
+        return {"prompt": run.prompts[index],
+                "negative_prompt": run.negative_prompts[index] if run.negative_prompts else "",
+                "model": self.model_dir.name, "width": run.width, "height": run.height, "steps": run.steps,
+                "guidance": run.guidance, "seed": run.seeds[index], **self.family_parameters(run), **report}
 
-    def resolve_caches(self, teacache, stepcache):
-        """The generate() arguments as configs (None when off); bad values raise ValueError before any work."""
-        return resolve_teacache(teacache, self.teacache_defaults), resolve_stepcache(stepcache)
+    # -- what a family supplies ------------------------------------------------------------------------------
 
-    def start_caches(self, teacache, stepcache, steps: int):
-        """Per-run cache state for the configs from `resolve_caches`, kept through this pipeline's tracker."""
-        return (TeaCache(teacache, steps, self.tracker) if teacache is not None else None,
-                StepCache(stepcache, self.tracker) if stepcache is not None else None)
+    def prepare_options(self, options: dict, width, height) -> tuple[dict, int | None, int | None]:
+        """The family's own generate() options, validated; may pick the size (FLUX.2: from the references)."""
+        raise NotImplementedError
 
-    def finish_caches(self, steps: int, teacache: TeaCache | None, stepcache: StepCache | None) -> None:
-        """Release the caches and record how many transformer forwards ran (`self.cache_report`)."""
-        forwards = teacache.stats() if teacache is not None else {"computed": steps, "skipped": 0}
-        report = {"forwards": forwards}
-        for name, cache in (("teacache", teacache), ("stepcache", stepcache)):
-            if cache is not None:
-                report[name] = {**cache.config.describe(), **cache.stats()}
-                cache.release()
-        self.cache_report = report
+    def uses_cfg(self, guidance: float, options: dict) -> bool:
+        raise NotImplementedError
 
-    def report_parameters(self) -> dict:
-        """The cache report for image.info["parameters"]: settings and counts only, no timings, so that the same
-        settings give the same file."""
-        return dict(self.cache_report)
+    def no_cfg_reason(self, guidance: float) -> str:
+        raise NotImplementedError
+
+    def latent_shape(self, batch: int, width: int, height: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def schedule(self, run: Run) -> Schedule:
+        raise NotImplementedError
+
+    def denoiser(self, run: Run) -> Denoiser:
+        """Encode the run's prompts (and whatever else conditions it) and return its Denoiser."""
+        raise NotImplementedError
+
+    def encode_prompts(self, text_encoder, prompts: list[str]):
+        raise NotImplementedError
+
+    def decode_options(self, run: Run) -> dict:
+        return {}
+
+    def family_parameters(self, run: Run) -> dict:
+        return {}
+
+    def _load_text_encoder_module(self):
+        raise NotImplementedError

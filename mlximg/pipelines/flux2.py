@@ -10,17 +10,15 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from tqdm import tqdm
 
-from ..cache import step_forward
 from ..loading import read_config, read_json_object
 from ..models.flux2 import load_flux2_transformer
 from ..models.flux2_vae import load_flux2_vae, pack_latents, unpack_latents
 from ..models.mistral3_encoder import load_mistral3_encoder, load_mistral3_module, processor_chat_template
 from ..models.qwen3_encoder import FLUX2_KLEIN_HIDDEN_LAYERS, load_qwen3_encoder, load_text_encoder
 from ..schedulers import compute_empirical_mu
-from .base import Pipeline, serialized
-from .inputs import check_prompts, initial_noise, resolve_arguments
+from .base import Pipeline, Run
+from .denoise import Schedule
 from .references import load_references
 
 PIXELS_PER_TOKEN = 16
@@ -72,7 +70,7 @@ class Flux2Pipeline(Pipeline):
         return load_qwen3_encoder(self.model_dir, dtype=self.dtype, layers=FLUX2_KLEIN_HIDDEN_LAYERS, fp8=self.fp8)
 
     def _load_transformer(self):
-        return load_flux2_transformer(self.model_dir, self.dtype, fp8=self.fp8)
+        return load_flux2_transformer(self.model_dir, self.dtype, fp8=self.transformer_fp8)
 
     def _load_vae(self):
         return load_flux2_vae(self.model_dir, dtype=self.dtype)
@@ -81,10 +79,6 @@ class Flux2Pipeline(Pipeline):
         if self.encoder_type == "mistral3":
             return text_encoder.encode_flux2_dev(prompts)
         return text_encoder.encode_flux2_klein(prompts)
-
-    def uses_cfg(self, guidance: float) -> bool:
-        """klein base: CFG above 1; klein distilled and dev (embedded guidance) never."""
-        return guidance > 1 and not self.is_distilled and not self.guidance_embeds
 
     def encode_references(self, images: list[mx.array]) -> tuple[mx.array, np.ndarray]:
         """VAE-encoded, normalised, packed reference tokens (1, N, 128) and their ids, each at its own time."""
@@ -98,85 +92,88 @@ class Flux2Pipeline(Pipeline):
             tokens = self.tracker.eval(mx.concatenate(tokens, axis=1))
         return tokens, np.concatenate(ids)
 
-    def denoise(self, latents: mx.array, text: mx.array, steps: int, guidance: float,
-                references: tuple[mx.array, np.ndarray] | None = None, progress: bool = False, teacache=None,
-                stepcache=None) -> mx.array:
-        """latents (1, 128, h, w); text (1 or 2 with CFG [positive, negative], 512, D). `teacache` / `stepcache`:
-        configs (see `resolve_caches`) or None; how many forwards ran goes to `self.cache_report`."""
-        transformer = self.component("transformer")
-        height, width = latents.shape[2], latents.shape[3]
-        x = pack_latents(latents)
-        n_image = x.shape[1]
-        image_ids = grid_ids(height, width)
-        if references is not None:
-            image_ids = np.concatenate([image_ids, references[1]])
-        rope = transformer.rope(image_ids, text_ids(text.shape[1]))  # positions are fixed: once per run
-        cfg = self.uses_cfg(guidance)
-        batch = text.shape[0]
-        guidance_input = mx.full((batch,), guidance, dtype=mx.float32) if self.guidance_embeds else None
-
-        mu = compute_empirical_mu(n_image, steps)
-        sigmas = self.scheduler.sigmas(steps, sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu)
-        times = (self.scheduler.timesteps(sigmas) / np.float32(1000)).astype(np.float32)
-        contexts = ("positive", "negative") if cfg else ("positive",)
-        teacache, stepcache = self.start_caches(teacache, stepcache, steps)
-        try:
-            with self.phases.phase("denoise"):
-                for i in tqdm(range(steps), disable=not progress, desc="denoise"):
-                    tokens = x if references is None else mx.concatenate([x, references[0]], axis=1)
-                    tokens = mx.broadcast_to(tokens, (batch, *tokens.shape[1:])).astype(self.dtype)
-                    t = mx.full((batch,), times[i], dtype=mx.float32)
-                    if stepcache is not None:
-                        stepcache.begin(i)
-                    # The cache holds the per-context predictions; guidance is combined after it, every step.
-                    out = step_forward(teacache, i, times[i], contexts, lambda cache: transformer(
-                        tokens, text, t, guidance=guidance_input, rope=rope, teacache=cache, stepcache=stepcache))
-                    out = out[:, :n_image].astype(mx.float32)
-                    if cfg:
-                        out = out[1:] + guidance * (out[:1] - out[1:])
-                    x = self.scheduler.step(out, x, sigmas[i], sigmas[i + 1])
-                    self.evaluate_step(x, teacache, stepcache)
-                    self.check_finite(x, i, steps)
-        finally:
-            self.finish_caches(steps, teacache, stepcache)
-        return unpack_latents(x, height, width)
-
-    @serialized
-    def generate(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
-                 guidance: float | None = None, negative_prompt: str | None = None, seed: int | None = None,
-                 latents=None, image=None, progress: bool = False, teacache=None, stepcache=None):
-        """One image for `prompt`, optionally edited from reference `image`s (one or a list: PIL images, paths or
-        uint8 arrays). Without an explicit size, the first reference's (cropped) size is used, as diffusers does.
-        `teacache` / `stepcache`: True (defaults), a dict of settings or a TeaCacheConfig / StepCacheConfig."""
+    def prepare_options(self, options: dict, width, height):
+        """`image`: reference images to edit from (one or a list: PIL images, paths or arrays). Without an explicit
+        size, the first reference's (cropped) size is used, as diffusers does."""
+        if unknown := sorted(set(options) - {"image"}):
+            raise TypeError(f"unexpected FLUX.2 options {unknown}")
+        image = options.get("image")
         references = load_references(image, self.max_references, self.size_multiple) if image is not None else []
         if references and width is None and height is None:
             height, width = references[0].shape[1:3]
-        width, height, steps, guidance = resolve_arguments(self.defaults, width, height, steps, guidance,
-                                                           self.limits)
-        cfg = self.uses_cfg(guidance)
-        check_prompts(prompt, negative_prompt, cfg, self._no_cfg_reason(guidance))
-        teacache, stepcache = self.resolve_caches(teacache, stepcache)
-        self.check_memory(width, height, 2 if cfg else 1)
+        return {"references": references}, width, height
+
+    def uses_cfg(self, guidance: float, options: dict | None = None) -> bool:
+        """klein base: CFG above 1; klein distilled and dev (embedded guidance) never."""
         if guidance > 1 and self.is_distilled:
-            warnings.warn(f"guidance {guidance} is ignored: this model is step-distilled", stacklevel=2)
-        shape = (1, self.latent_channels, height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN)
-        latents, seed = initial_noise(shape, seed, latents)
+            warnings.warn(f"guidance {guidance} is ignored: this model is step-distilled", stacklevel=4)
+        return guidance > 1 and not self.is_distilled and not self.guidance_embeds
 
-        self.phases.clear()
-        text = self.encode([prompt, negative_prompt or ""] if cfg else [prompt])
-        reference_tokens = self.encode_references(references) if references else None
-        latents = self.denoise(latents, text, steps, guidance, reference_tokens, progress, teacache, stepcache)
-        result = self.decode(latents)
-        result.info["parameters"] = {
-            "prompt": prompt, "negative_prompt": negative_prompt or "", "model": self.model_dir.name,
-            "width": width, "height": height, "steps": steps, "guidance": guidance, "seed": seed,
-            "references": len(references), **self.report_parameters(),
-        }
-        return result
-
-    def _no_cfg_reason(self, guidance: float) -> str:
+    def no_cfg_reason(self, guidance: float) -> str:
         if self.guidance_embeds:
             return "FLUX.2 [dev] embeds guidance instead"
         if self.is_distilled:
             return "this model is step-distilled"
         return f"guidance {guidance} <= 1"
+
+    def latent_shape(self, batch: int, width: int, height: int) -> tuple[int, ...]:
+        return batch, self.latent_channels, height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
+
+    def schedule(self, run: Run) -> Schedule:
+        height, width = run.latents.shape[2:]
+        mu = compute_empirical_mu(height * width, run.steps)
+        sigmas = self.scheduler.sigmas(run.steps, sigmas=np.linspace(1.0, 1.0 / run.steps, run.steps), mu=mu)
+        return Schedule(sigmas, (self.scheduler.timesteps(sigmas) / np.float32(1000)).astype(np.float32))
+
+    def denoiser(self, run: Run) -> "Flux2Denoiser":
+        embeddings, index = self.encode(run.prompts + (run.negative_prompts or []))
+        text = embeddings[mx.array(index)] if index != list(range(len(embeddings))) else embeddings
+        references = run.options["references"]
+        reference_tokens = self.encode_references(references) if references else None
+        return Flux2Denoiser(self.component("transformer"), text, run.latents.shape, reference_tokens,
+                             run.guidance, run.negative_prompts is not None, self.guidance_embeds, self.dtype)
+
+    def family_parameters(self, run: Run) -> dict:
+        return {"references": len(run.options["references"])}
+
+
+class Flux2Denoiser:
+    """FLUX.2's side of the loop: latents packed into tokens (reference tokens appended, sliced off again), the
+    model gets sigma, its output is the velocity, and CFG (klein base) is neg + g (pos - neg)."""
+
+    def __init__(self, transformer, text: mx.array, shape: tuple[int, ...], references, guidance: float, cfg: bool,
+                 guidance_embeds: bool, dtype: mx.Dtype):
+        self.transformer, self.text, self.dtype = transformer, text, dtype
+        self.height, self.width = shape[2:]
+        self.references = None if references is None else references[0]
+        self.guidance, self.cfg, self.guidance_embeds = guidance, cfg, guidance_embeds
+        image_ids = grid_ids(self.height, self.width)
+        if references is not None:
+            image_ids = np.concatenate([image_ids, references[1]])
+        self.rope = transformer.rope(image_ids, text_ids(text.shape[1]))  # positions are fixed: once per run
+
+    def contexts(self, step: int) -> tuple[str, ...]:
+        return ("positive", "negative") if self.cfg else ("positive",)
+
+    def pack(self, latents: mx.array) -> mx.array:
+        return pack_latents(latents)
+
+    def unpack(self, x: mx.array) -> mx.array:
+        return unpack_latents(x, self.height, self.width)
+
+    def forward(self, x: mx.array, t: float, contexts: tuple[str, ...], runner) -> mx.array:
+        tokens = mx.concatenate([x, x]) if self.cfg else x
+        if self.references is not None:
+            references = mx.broadcast_to(self.references, (tokens.shape[0], *self.references.shape[1:]))
+            tokens = mx.concatenate([tokens, references], axis=1)
+        batch = tokens.shape[0]
+        guidance = mx.full((batch,), self.guidance, dtype=mx.float32) if self.guidance_embeds else None
+        return self.transformer(tokens.astype(self.dtype), self.text, mx.full((batch,), t, dtype=mx.float32),
+                                guidance=guidance, rope=self.rope, runner=runner)
+
+    def velocity(self, out: mx.array, contexts: tuple[str, ...], step: int) -> mx.array:
+        out = out[:, :self.height * self.width].astype(mx.float32)
+        if self.cfg:
+            batch = out.shape[0] // 2
+            out = out[batch:] + self.guidance * (out[:batch] - out[batch:])
+        return out

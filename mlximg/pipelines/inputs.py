@@ -10,6 +10,7 @@ import numpy as np
 from .limits import MAX_STEPS, SizeLimits
 
 SEED_LIMIT = 2**64  # seeds are unsigned 64-bit, as torch generators take them
+MAX_IMAGES = 64  # per call: a batch runs through every forward at once
 
 
 def _integer(value) -> bool:
@@ -53,12 +54,49 @@ def check_seed(seed) -> int | None:
     return int(seed)
 
 
+def seed_batch(seed, count: int) -> list[int]:
+    """One seed per image: a list as given, or s, s + 1, ... from one seed (a random one when None)."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != count:
+            raise ValueError(f"{len(seed)} seeds given for {count} images")
+        return [check_seed(s) for s in seed]
+    first = check_seed(seed)
+    first = secrets.randbits(32) if first is None else first
+    if first + count > SEED_LIMIT:
+        raise ValueError(f"seed {first} + {count} images runs past 2**64 - 1")
+    return [first + i for i in range(count)]
+
+
+def prompt_batch(prompt, num_images) -> list[str]:
+    """One prompt per image: each of a list of prompts (or the one prompt) `num_images` times, prompt by prompt,
+    as diffusers' num_images_per_prompt orders them."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r:.80}")
+    per_prompt = 1 if num_images is None else num_images
+    if not _integer(per_prompt) or per_prompt < 1:
+        raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+    if len(prompts) * per_prompt > MAX_IMAGES:
+        raise ValueError(f"{len(prompts) * per_prompt} images asked for; at most {MAX_IMAGES} per call")
+    return [p for p in prompts for _ in range(per_prompt)]
+
+
+def negative_batch(negative_prompt, prompt, num_images) -> list[str]:
+    """The negative prompt of each image: one for all, or one per prompt of a list (an unset one is "")."""
+    count = 1 if isinstance(prompt, str) else len(prompt)
+    negatives = list(negative_prompt) if isinstance(negative_prompt, (list, tuple)) else [negative_prompt] * count
+    if len(negatives) != count:
+        raise ValueError(f"{len(negatives)} negative prompts given for {count} prompts")
+    return [n or "" for n in negatives for _ in range(1 if num_images is None else num_images)]
+
+
 def check_prompts(prompt, negative_prompt, uses_cfg: bool, why_no_cfg: str) -> None:
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-    if negative_prompt is not None and not isinstance(negative_prompt, str):
-        raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
-    if negative_prompt and not uses_cfg:
+    negatives = negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt]
+    if not all(n is None or isinstance(n, str) for n in negatives):
+        raise ValueError(f"negative_prompt must be a string (or one per prompt), got {negative_prompt!r:.80}")
+    if any(negatives) and not uses_cfg:
         # Dropping it silently would hide that it has no effect.
         raise ValueError(f"negative_prompt has no effect without classifier-free guidance ({why_no_cfg})")
 
@@ -84,17 +122,14 @@ def check_latents(latents, shape: tuple[int, ...]) -> mx.array:
     return latents
 
 
-def initial_noise(shape: tuple[int, ...], seed: int | None, latents=None) -> tuple[mx.array, int | None]:
-    """The starting latents in float32: `latents` as given, else seeded noise.
-
-    Returns them with the seed used (None when latents were given).
-    """
+def initial_noise(shape: tuple[int, ...], seeds: list[int], latents=None) -> tuple[mx.array, list[int | None]]:
+    """The starting latents (B, C, h, w) in float32: `latents` as given, else each image's noise from its own seed,
+    so that an image of a batch is the image its seed gives alone. Returns them with the seeds used (None where
+    the latents were given)."""
     if latents is not None:
-        return check_latents(latents, shape), None
-    seed = check_seed(seed)
-    if seed is None:
-        seed = secrets.randbits(32)
-    return mx.random.normal(shape, dtype=mx.float32, key=mx.random.key(seed)), seed
+        return check_latents(latents, shape), [None] * shape[0]
+    noise = [mx.random.normal((1, *shape[1:]), dtype=mx.float32, key=mx.random.key(seed)) for seed in seeds]
+    return (noise[0] if len(noise) == 1 else mx.concatenate(noise)), seeds
 
 
 def to_image(decoded: mx.array):

@@ -1,17 +1,16 @@
-"""Z-Image text-to-image: encode the prompt, release the encoder, denoise with flow-matching Euler, decode."""
+"""Z-Image text-to-image: encode the prompts, release the encoder, denoise with flow-matching Euler, decode."""
 
 import mlx.core as mx
 import numpy as np
-from tqdm import tqdm
 
-from ..cache import step_forward
 from ..loading import read_config
 from ..models.autoencoder_kl import load_autoencoder
 from ..models.qwen3_encoder import ZIMAGE_HIDDEN_LAYERS, load_qwen3_encoder, load_text_encoder
 from ..models.zimage import load_zimage_transformer
 from ..schedulers import calculate_shift
-from .base import Pipeline, serialized
-from .inputs import check_number, check_prompts, initial_noise, resolve_arguments
+from .base import Pipeline, Run
+from .denoise import Schedule
+from .inputs import check_number
 
 # Tiled decode: 512-px tiles cut a 1024x1024 decode's peak from 6.1 to 1.7 GiB (docs/MEASUREMENTS.md).
 DECODE_TILE = 512
@@ -29,6 +28,54 @@ def guided(pos: mx.array, neg: mx.array, scale: float, normalization: float) -> 
     return pred
 
 
+class ZImageDenoiser:
+    """Z-Image's side of the loop: its time runs the other way (t = 1 - sigma), its output is the negated
+    velocity, and guidance may switch off once t passes cfg_truncation, as diffusers does."""
+
+    def __init__(self, transformer, positive: list[mx.array], negative: list[mx.array] | None, times: np.ndarray,
+                 guidance: float, truncation: float, normalization: float, dtype: mx.Dtype):
+        self.transformer, self.positive, self.negative = transformer, positive, negative
+        self.times, self.guidance, self.truncation, self.normalization = times, guidance, truncation, normalization
+        self.dtype = dtype
+        self.conditionings = {}
+
+    def scale(self, step: int) -> float:
+        truncated = self.truncation <= 1 and self.times[step] > self.truncation
+        return 0.0 if truncated else self.guidance
+
+    def contexts(self, step: int) -> tuple[str, ...]:
+        cfg = self.negative is not None and self.scale(step) > 0
+        return ("positive", "negative") if cfg else ("positive",)
+
+    def conditioning(self, cfg: bool, grid: tuple[int, int]):
+        """Caption tokens, RoPE tables and masks: once per run (and batch: with or without the negatives)."""
+        if cfg not in self.conditionings:
+            captions = self.positive + self.negative if cfg else self.positive
+            self.conditionings[cfg] = self.transformer.condition(captions, grid)
+            mx.eval([value for value in vars(self.conditionings[cfg]).values() if value is not None])
+        return self.conditionings[cfg]
+
+    def pack(self, latents: mx.array) -> mx.array:
+        return latents
+
+    def unpack(self, x: mx.array) -> mx.array:
+        return x
+
+    def forward(self, x: mx.array, t: float, contexts: tuple[str, ...], runner) -> mx.array:
+        cfg = len(contexts) == 2
+        latents = mx.concatenate([x, x]) if cfg else x
+        grid = (x.shape[2] // 2, x.shape[3] // 2)
+        return self.transformer(latents.astype(self.dtype), mx.full((latents.shape[0],), t, dtype=mx.float32),
+                                conditioning=self.conditioning(cfg, grid), runner=runner)
+
+    def velocity(self, out: mx.array, contexts: tuple[str, ...], step: int) -> mx.array:
+        if len(contexts) == 2:
+            batch = out.shape[0] // 2
+            out = guided(out[:batch].astype(mx.float32), out[batch:].astype(mx.float32), self.scale(step),
+                         self.normalization)
+        return -out.astype(mx.float32)
+
+
 class ZImagePipeline(Pipeline):
     family = "zimage"
     transformer_class = "ZImageTransformer2DModel"
@@ -40,7 +87,7 @@ class ZImagePipeline(Pipeline):
         return load_qwen3_encoder(self.model_dir, dtype=self.dtype, layers=ZIMAGE_HIDDEN_LAYERS, fp8=self.fp8)
 
     def _load_transformer(self):
-        return load_zimage_transformer(self.model_dir, self.dtype, fp8=self.fp8)
+        return load_zimage_transformer(self.model_dir, self.dtype, fp8=self.transformer_fp8)
 
     def _load_vae(self):
         return load_autoencoder(self.model_dir, dtype=self.dtype)
@@ -48,94 +95,54 @@ class ZImagePipeline(Pipeline):
     def encode_prompts(self, text_encoder, prompts: list[str]) -> list[mx.array]:
         return text_encoder.encode_zimage(prompts)
 
-    def denoise(self, latents: mx.array, positive: list[mx.array], negative: list[mx.array], steps: int,
-                guidance: float, cfg_truncation: float = 1.0, cfg_normalization: float = 0.0,
-                progress: bool = False, teacache=None, stepcache=None) -> mx.array:
-        """`teacache` / `stepcache`: configs (see `resolve_caches`) or None; how many forwards ran goes to
-        `self.cache_report`."""
-        transformer = self.component("transformer")
-        image_seq_len = (latents.shape[2] // 2) * (latents.shape[3] // 2)
-        cfg = self.scheduler.config
-        mu = calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift,
-                             cfg.max_shift)
-        sigmas = self.scheduler.sigmas(steps, sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu)
-        # The transformer's time runs the other way: t = 1 - sigma, from the scheduler's float32 timesteps.
-        times = (np.float32(1000) - self.scheduler.timesteps(sigmas)) / np.float32(1000)
-        batch = latents.shape[0]
-        conditionings = {}
-
-        def conditioning(cfg: bool):
-            """Caption tokens, RoPE tables and masks: once per run (and batch: with or without the negative)."""
-            if cfg not in conditionings:
-                grid = (latents.shape[2] // 2, latents.shape[3] // 2)
-                conditionings[cfg] = transformer.condition(positive + negative if cfg else positive, grid)
-                mx.eval([value for value in vars(conditionings[cfg]).values() if value is not None])
-            return conditionings[cfg]
-
-        teacache, stepcache = self.start_caches(teacache, stepcache, steps)
-        try:
-            with self.phases.phase("denoise"):
-                for i in tqdm(range(steps), disable=not progress, desc="denoise"):
-                    # cfg_truncation switches guidance off once t passes it, as diffusers does.
-                    scale = guidance if (cfg_truncation > 1 or times[i] <= cfg_truncation) else 0.0
-                    t = mx.full((batch,), times[i], dtype=mx.float32)
-                    if stepcache is not None:
-                        stepcache.begin(i)
-                    if guidance > 0 and scale > 0:
-                        # The cache holds positive and negative predictions; guidance is applied after it.
-                        out = step_forward(teacache, i, times[i], ("positive", "negative"), lambda cache: transformer(
-                            mx.concatenate([latents, latents]).astype(self.dtype), mx.concatenate([t, t]),
-                            conditioning=conditioning(True), teacache=cache, stepcache=stepcache))
-                        pred = guided(out[:batch].astype(mx.float32), out[batch:].astype(mx.float32), scale,
-                                      cfg_normalization)
-                    else:
-                        pred = step_forward(teacache, i, times[i], ("positive",), lambda cache: transformer(
-                            latents.astype(self.dtype), t, conditioning=conditioning(False), teacache=cache,
-                            stepcache=stepcache))
-                        pred = pred.astype(mx.float32)
-                    latents = self.scheduler.step(-pred, latents, sigmas[i], sigmas[i + 1])
-                    self.evaluate_step(latents, teacache, stepcache)
-                    self.check_finite(latents, i, steps)
-        finally:
-            self.finish_caches(steps, teacache, stepcache)
-        return latents
-
-    @serialized
-    def generate(self, prompt: str, *, width: int | None = None, height: int | None = None, steps: int | None = None,
-                 guidance: float | None = None, negative_prompt: str | None = None, seed: int | None = None,
-                 latents=None, cfg_truncation: float = 1.0, cfg_normalization: float | bool | None = None,
-                 tiled_decode: bool = False, image=None, progress: bool = False, teacache=None, stepcache=None):
-        """One image for `prompt`; returns a PIL image whose `info["parameters"]` records the settings used and
-        how many transformer forwards ran. `teacache` / `stepcache`: True (defaults), a dict of settings or a
-        TeaCacheConfig / StepCacheConfig."""
-        if image is not None:
+    def prepare_options(self, options: dict, width, height):
+        """cfg_truncation (switch guidance off once t passes it; above 1: never), cfg_normalization (cap the
+        guided prediction's norm at this x the positive's; True means 1), tiled_decode."""
+        known = {"cfg_truncation", "cfg_normalization", "tiled_decode", "image"}
+        if unknown := sorted(set(options) - known):
+            raise TypeError(f"unexpected Z-Image options {unknown}")
+        if options.get("image") is not None:
             raise ValueError("Z-Image text-to-image takes no reference image (FLUX.2 models do)")
-        width, height, steps, guidance = resolve_arguments(self.defaults, width, height, steps, guidance,
-                                                           self.limits)
-        normalization = cfg_normalization if cfg_normalization is not None else self.defaults.get(
-            "cfg_normalization", 0.0)
+        normalization = options.get("cfg_normalization")
+        normalization = self.defaults.get("cfg_normalization", 0.0) if normalization is None else normalization
         # diffusers takes a bool: True caps at 1x the positive prediction's norm.
         normalization = check_number(float(normalization) if isinstance(normalization, bool) else normalization,
                                      "cfg_normalization")
-        cfg_truncation = check_number(cfg_truncation, "cfg_truncation")
-        use_cfg = guidance > 0
-        check_prompts(prompt, negative_prompt, use_cfg, "guidance is 0")
-        teacache, stepcache = self.resolve_caches(teacache, stepcache)
-        self.check_memory(width, height, 2 if use_cfg else 1, tiled_decode)
+        truncation = check_number(options.get("cfg_truncation", 1.0), "cfg_truncation")
+        return {"cfg_truncation": truncation, "cfg_normalization": normalization,
+                "tiled_decode": bool(options.get("tiled_decode", False))}, width, height
+
+    def uses_cfg(self, guidance: float, options: dict) -> bool:
+        return guidance > 0
+
+    def no_cfg_reason(self, guidance: float) -> str:
+        return "guidance is 0"
+
+    def latent_shape(self, batch: int, width: int, height: int) -> tuple[int, ...]:
         downsampling = self.size_multiple // 2
         channels = read_config(self.model_dir / "transformer").get("in_channels", 16)
-        shape = (1, channels, height // downsampling, width // downsampling)
-        latents, seed = initial_noise(shape, seed, latents)
+        return batch, channels, height // downsampling, width // downsampling
 
-        self.phases.clear()
-        embeddings = self.encode([prompt, negative_prompt or ""] if use_cfg else [prompt])
-        positive, negative = embeddings[:1], embeddings[1:]
-        latents = self.denoise(latents, positive, negative, steps, guidance, cfg_truncation, normalization, progress,
-                               teacache, stepcache)
-        image = self.decode(latents, tiled=tiled_decode, tile_sample_size=DECODE_TILE)
-        image.info["parameters"] = {
-            "prompt": prompt, "negative_prompt": negative_prompt or "", "model": self.model_dir.name,
-            "width": width, "height": height, "steps": steps, "guidance": guidance, "seed": seed,
-            "cfg_truncation": cfg_truncation, "cfg_normalization": normalization, **self.report_parameters(),
-        }
-        return image
+    def schedule(self, run: Run) -> Schedule:
+        height, width = run.latents.shape[2:]
+        cfg = self.scheduler.config
+        mu = calculate_shift((height // 2) * (width // 2), cfg.base_image_seq_len, cfg.max_image_seq_len,
+                             cfg.base_shift, cfg.max_shift)
+        sigmas = self.scheduler.sigmas(run.steps, sigmas=np.linspace(1.0, 1.0 / run.steps, run.steps), mu=mu)
+        # The transformer's time runs the other way: t = 1 - sigma, from the scheduler's float32 timesteps.
+        return Schedule(sigmas, (np.float32(1000) - self.scheduler.timesteps(sigmas)) / np.float32(1000))
+
+    def denoiser(self, run: Run) -> ZImageDenoiser:
+        embeddings, index = self.encode(run.prompts + (run.negative_prompts or []))
+        captions = [embeddings[i] for i in index]
+        batch = len(run.prompts)
+        negative = captions[batch:] if run.negative_prompts is not None else None
+        return ZImageDenoiser(self.component("transformer"), captions[:batch], negative, self.schedule(run).times,
+                              run.guidance, run.options["cfg_truncation"], run.options["cfg_normalization"],
+                              self.dtype)
+
+    def decode_options(self, run: Run) -> dict:
+        return {"tiled": run.options["tiled_decode"], "tile_sample_size": DECODE_TILE}
+
+    def family_parameters(self, run: Run) -> dict:
+        return {"cfg_truncation": run.options["cfg_truncation"], "cfg_normalization": run.options["cfg_normalization"]}

@@ -25,6 +25,7 @@ from ..loading import _INDEX_NAMES, broken_link, check_safetensors, read_config,
 from ..manifests import RECIPE_FILE, named_manifest
 from .destination import check_apart, check_replaceable, locked, make_temporary, publish, remove_stale
 from .format import CONFIG_KEY, Quantization, quantize_weights
+from .options import FP8Options
 from .policy import layer_policy, quantizable
 
 # E4M3 keeps 3 mantissa bits: round-to-nearest is off by at most 2^-4 of a value (relative), so a layer's relative
@@ -95,8 +96,9 @@ def _loaders(family_dir: Path) -> dict[str, Callable]:
     transformer_class = read_config(family_dir / "transformer").get("_class_name")
     encoder_type = read_config(family_dir / "text_encoder").get("model_type")
     encoder = load_mistral3_encoder if encoder_type == "mistral3" else load_text_encoder
-    return {"transformer": lambda d: transformers[transformer_class](d, fp8="dequantize"),
-            "text_encoder": lambda d: encoder(d, fp8="dequantize").model}
+    dequantized = FP8Options(execution="dequantize")
+    return {"transformer": lambda d: transformers[transformer_class](d, fp8=dequantized),
+            "text_encoder": lambda d: encoder(d, fp8=dequantized).model}
 
 
 def verify_component(src_root: Path, out_root: Path, component: str) -> float:
