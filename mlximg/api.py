@@ -1,11 +1,9 @@
 """The public API: `load(model)` once, `.generate(...)` many times; `generate(prompt, model=...)` for one image."""
 
 from .loading import resolve_model
-from .manifests import FAMILY_DEFAULTS, Manifest, family_of, resolve
+from .manifests import DEFAULT_MODEL, FAMILY_DEFAULTS, Manifest, family_of, resolve
 from .pipelines.inputs import check_seed, prompt_batch, resolve_arguments
 from .pipelines.limits import size_limits
-
-DEFAULT_MODEL = "z-image-turbo"
 
 
 def _pipeline_class(family: str):
@@ -26,7 +24,7 @@ def check_arguments(model: str, *, width=None, height=None, steps=None, guidance
     any download or load."""
     manifest = resolve(model)
     seeds = seed if isinstance(seed, (list, tuple)) else [seed]
-    prompt_batch("", num_images if num_images is not None else len(seeds))
+    prompt_batch("", num_images if num_images is not None else len(seeds))  # the count is within bounds
     for one in seeds:
         check_seed(one)
     if manifest.family:  # an unknown repo id's family is known only once downloaded

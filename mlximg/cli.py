@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .manifests import DEFAULT_MODEL
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -17,28 +18,75 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def output_paths(output: Path, seeds: list[int]) -> list[Path]:
+    """Where each image goes: `output` for one image; for several, `output` with {seed} filled in, or the seed
+    appended to its stem (out.png -> out-7.png)."""
+    if "{seed}" in str(output):
+        paths = [Path(str(output).replace("{seed}", str(seed))) for seed in seeds]
+        if len(set(paths)) < len(paths):
+            raise ValueError(f"output {output}: two images would get the same file name (repeated seeds)")
+        return paths
+    if len(seeds) == 1:
+        return [output]
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"seeds {seeds} repeat: each image's file is named by its seed")
+    return [output.with_name(f"{output.stem}-{seed}{output.suffix}") for seed in seeds]
+
+
+def preview_writer(pipeline, folder: Path, seeds: list[int]):
+    """A step callback that decodes every image at every step into `folder` (phase "preview")."""
+    from .output import save_image
+
+    def write(step: int, steps: int, latents) -> None:
+        for index, seed in enumerate(seeds):
+            image = pipeline.decode(latents[index:index + 1], phase="preview")
+            name = f"step-{step:03d}.png" if len(seeds) == 1 else f"step-{step:03d}-{seed}.png"
+            save_image(image, folder / name)
+
+    return write
+
+
 def _generate(args: argparse.Namespace) -> int:
+    import secrets
+
     from .api import check_arguments, load
     from .output import check_output_path, save_image
 
     start = time.perf_counter()
+    # Seeds are fixed here, so that every file name is known and checked before any work.
+    seeds = args.seed or [secrets.randbits(32)]
+    count = args.num_images if args.num_images is not None else len(seeds)
+    if len(seeds) == 1 and count > 1:
+        seeds = [seeds[0] + i for i in range(count)]
+    if len(seeds) != count:
+        raise ValueError(f"{len(seeds)} seeds given for --num-images {count}")
     check_arguments(args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
-                    seed=args.seed)
-    check_output_path(args.output)
+                    seed=seeds)
+    paths = output_paths(args.output, seeds)
+    for path in paths:
+        check_output_path(path)
+    if args.stepwise is not None:
+        args.stepwise.mkdir(exist_ok=True)
+        check_output_path(args.stepwise / "step-001.png")
     # Model-specific options go through only when given, so each pipeline sees the ones it has.
     options = {name: value for name, value in (
         ("cfg_truncation", args.cfg_truncation), ("cfg_normalization", args.cfg_normalization),
         ("tiled_decode", args.tiled_decode or None), ("image", args.image),
     ) if value is not None}
     pipeline = load(args.model, quantize=args.quantize, fp8=args.fp8)
-    image = pipeline.generate(
+    callback = preview_writer(pipeline, args.stepwise, seeds) if args.stepwise is not None else None
+    images = pipeline.generate(
         args.prompt, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
-        negative_prompt=args.negative_prompt, seed=args.seed, progress=True, **_cache_options(args), **options,
+        negative_prompt=args.negative_prompt, seed=seeds, progress=True, callback=callback,
+        **_cache_options(args), **options,
     )
-    save_image(image, args.output)
+    for image, path in zip(images, paths):
+        save_image(image, path)
     print(pipeline.phases.table())
-    print(forwards_line(image.info["parameters"]))
-    print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s (seed {image.info['parameters']['seed']})")
+    print(forwards_line(images[0].info["parameters"]))
+    names = ", ".join(str(path) for path in paths)
+    print(f"wrote {names} in {time.perf_counter() - start:.1f} s (seed{'s' * (len(seeds) > 1)} "
+          f"{', '.join(map(str, seeds))})")
     return 0
 
 
@@ -66,14 +114,16 @@ def forwards_line(parameters: dict) -> str:
 def _add_generate(commands) -> None:
     p = commands.add_parser("generate", help="text to image")
     p.add_argument("prompt")
-    p.add_argument("--model", "-m", default="z-image-turbo",
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help="a model name (models/*.json), a local diffusers folder or a Hugging Face repo id")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
     p.add_argument("--negative-prompt")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, nargs="+",
+                   help="one seed (several images get seed, seed + 1, ...), or one per image")
+    p.add_argument("--num-images", type=int, help="how many images, as one batch (files named by seed)")
     p.add_argument("--image", action="append", type=Path,
                    help="a reference image to edit from (FLUX.2; repeat for several)")
     p.add_argument("--cfg-truncation", type=float, help="Z-Image: switch guidance off once t exceeds this")
@@ -91,7 +141,10 @@ def _add_generate(commands) -> None:
     p.add_argument("--fp8", choices=["matmul", "dequantize"],
                    help="FP8 execution path (default: MLXIMG_FP8, else matmul on GPU, dequantize on CPU)")
     p.add_argument("--output", "-o", type=Path, default=Path("out.png"),
-                   help="the image file: .png, .jpg or .webp (default out.png)")
+                   help="the image file: .png, .jpg or .webp (default out.png); several images: out-SEED.png, or "
+                        "a {seed} in the name")
+    p.add_argument("--stepwise", type=Path, metavar="DIR",
+                   help="write a decoded preview of every step into DIR (step-001.png, ...)")
     p.set_defaults(run=_generate)
 
 

@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 import mlx.core as mx
 
 from . import __version__
-from .nn import native
+from .nn import dispatch
 from .quant.execution import fp8_execution, fp8_execution_source
 from .runtime import backend, blas_status, compute_dtype, dtype_name
 
@@ -26,6 +26,13 @@ def _fp8_path() -> str:
         return f"invalid: {error}"
 
 
+def _ops() -> str:
+    try:
+        return dispatch.status()
+    except ValueError as error:
+        return f"invalid: {error}"
+
+
 def info() -> dict[str, str]:
     return {
         "mlximg": __version__,
@@ -38,5 +45,5 @@ def info() -> dict[str, str]:
         "compute dtype": dtype_name(compute_dtype()),
         "fp8 path": _fp8_path(),
         "blas": blas_status() if backend() == "cpu" else f"n/a on {backend()} ({blas_status()} for CPU ops)",
-        "cpu kernels": native.status() if backend() == "cpu" else f"n/a on {backend()}",
+        "ops": _ops(),
     }

@@ -14,7 +14,11 @@ from pathlib import Path
 from .loading import is_repo_id, read_json_object
 
 RECIPE_FILE = "mlximg.json"
-MODELS_DIR = Path(os.environ.get("MLXIMG_MODELS_DIR", Path(__file__).resolve().parent.parent / "models"))
+DEFAULT_MODEL = "z-image-turbo"  # what generate() and the CLI run without a model
+PACKAGE = Path(__file__).resolve().parent
+# Installed from a wheel, models/ ships as mlximg/model_data; a source checkout has it beside the package.
+MODELS_DIR = Path(os.environ.get("MLXIMG_MODELS_DIR") or (
+    PACKAGE / "model_data" if (PACKAGE / "model_data").is_dir() else PACKAGE.parent / "models"))
 # diffusers pipeline class -> our family.
 FAMILIES = {"ZImagePipeline": "zimage", "Flux2KleinPipeline": "flux2", "Flux2Pipeline": "flux2"}
 # Without a manifest: the diffusers pipelines' own defaults.

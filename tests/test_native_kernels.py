@@ -11,7 +11,7 @@ import pytest
 
 from mlximg.models import lm_kernels
 from mlximg.models.autoencoder_kl import Conv3x3, GroupNorm
-from mlximg.nn import RMSNorm, apply_rope, attention, native, norm_rope_heads, silu, silu_mul
+from mlximg.nn import RMSNorm, apply_rope, attention, cpu_math, dispatch, native, norm_rope_heads, silu, silu_mul
 from mlximg.runtime.blas import find_openblas
 from oracle import assert_close, require_oracle
 
@@ -144,9 +144,25 @@ def test_a_failing_compiler_leaves_the_mlx_path(fresh_build, monkeypatch):
     assert not list(fresh_build.glob("*.so"))
 
 
-def test_can_be_turned_off(fresh_build, monkeypatch):
-    monkeypatch.setenv(native.OPT_OUT_ENV, "0")
-    assert native.status() == "not used: disabled by MLXIMG_NATIVE=0"
+@pytest.mark.parametrize("ops, path", [("fast", "fast"), ("mlx", "mlx"), ("auto", "native" if CAN_BUILD else "fast")])
+def test_one_setting_picks_every_op_path(monkeypatch, ops, path):
+    """MLXIMG_OPS=mlx runs MLX's own ops (Metal's op set) on the CPU; fast, the MLX ops with the faster exp."""
+    monkeypatch.setenv(dispatch.OPS_ENV, ops)
+    x = mx.array(np.random.default_rng(9).standard_normal((1, 2, 16, 8)).astype(np.float32))
+    assert dispatch.op_path(x) == path
+    assert dispatch.op_path(x.astype(mx.bfloat16)) == "mlx"
+    calls = []
+    for name in ("attention", "silu_mul", "conv3x3", "group_norm", "rms_norm_rope"):
+        monkeypatch.setattr(native, name, lambda *a, name=name, **k: calls.append(name))
+    monkeypatch.setattr(cpu_math, "attention", lambda *a, **k: calls.append("fast attention") or a[0])
+    monkeypatch.setattr(cpu_math, "_silu_in_streams", lambda x: calls.append("fast silu") or x)
+    attention(x, x, x)
+    silu(x)
+    expected = {"native": ["attention", "silu_mul"], "fast": ["fast attention", "fast silu"], "mlx": []}[path]
+    assert calls == expected
+    with pytest.raises(ValueError, match="MLXIMG_OPS='metal': choose one of auto, fast, mlx"):
+        monkeypatch.setenv(dispatch.OPS_ENV, "metal")
+        dispatch.op_path(x)
 
 
 @pytest.mark.parametrize("mask", [None, "causal", "padded"])
@@ -170,18 +186,21 @@ def test_text_encoder_attention_matches_torch(mask):
     assert_close(ours, expected, 1e-6, f"text encoder attention, mask {mask}")
 
 
-def test_text_encoder_kernels_are_swapped_in_only_while_active():
-    from mlx_lm.models import activations, base, qwen3
+def test_text_encoder_layers_equal_mlx_lm_and_leave_its_modules_alone():
+    """Our decoder-layer forward gives mlx-lm's own TransformerBlock result, and assigns nothing in mlx-lm."""
+    from mlx_lm.models import activations, base, llama, qwen3
 
-    model = qwen3.Model(qwen3.ModelArgs(model_type="qwen3", hidden_size=16, num_hidden_layers=1,
-                                        intermediate_size=32, num_attention_heads=2, rms_norm_eps=1e-6,
-                                        vocab_size=10, num_key_value_heads=1, max_position_embeddings=64,
-                                        rope_theta=1e6, head_dim=8, tie_word_embeddings=True))
-    with lm_kernels.kernels_for(model.model):
-        assert qwen3.scaled_dot_product_attention is lm_kernels.scaled_dot_product_attention
-        assert qwen3.swiglu is lm_kernels.swiglu
+    args = dict(hidden_size=16, num_hidden_layers=1, intermediate_size=32, num_attention_heads=2, rms_norm_eps=1e-6,
+                vocab_size=10, num_key_value_heads=1, max_position_embeddings=64, rope_theta=1e6, head_dim=8,
+                tie_word_embeddings=True)
+    layers = [qwen3.TransformerBlock(qwen3.ModelArgs(model_type="qwen3", **args)),
+              llama.TransformerBlock(llama.ModelArgs(model_type="llama", **args))]
+    x = mx.array(np.random.default_rng(8).standard_normal((2, 11, 16)).astype(np.float32))
+    for layer in layers:
+        assert_close(lm_kernels.decoder_layer(layer, x, "causal"), np.array(layer(x, "causal")), 1e-5,
+                     type(layer).__module__)
     assert qwen3.scaled_dot_product_attention is base.scaled_dot_product_attention
-    assert qwen3.swiglu is activations.swiglu
+    assert qwen3.swiglu is activations.swiglu and llama.swiglu is activations.swiglu
 
 
 def rms_norm_rope_reference(x, weight, eps, cos, sin):

@@ -2,9 +2,8 @@
 
 On a refresh step every block runs and the middle blocks' residual (h after them - h before them) is kept; on
 the other steps the first blocks run, the kept residual stands in for the middle blocks, and the last blocks run.
-Slots: one array per key (`get` / `set`), a second stream for dual-stream models (`get2` / `set2`, FLUX.2's text
-stream), and a constant (e.g. text features that never change). Arrays are kept by a Tracker (owner
-"stepcache") and freed when replaced or released.
+Slots: one array per key (`get` / `set`) and a second stream for dual-stream models (`get2` / `set2`, FLUX.2's
+text stream). Arrays are kept by a Tracker (owner "stepcache") and freed when replaced or released.
 """
 
 from dataclasses import dataclass
@@ -74,12 +73,6 @@ class StepCache:
 
     def set2(self, key, value: mx.array) -> None:
         self._put((2, key), value)
-
-    def get_constant(self):
-        return self._slots.get((0, None))
-
-    def set_constant(self, value: mx.array) -> None:
-        self._put((0, None), value)
 
     def _put(self, slot, value: mx.array) -> None:
         self.tracker.free(self._slots.get(slot))  # the replaced array goes once its graph is evaluated

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..configs import at_least, check_fields, from_dict
 from ..loading import load_component
-from ..nn import attention, native, silu
+from ..nn import attention, dispatch, native, silu
 
 _DOWN_BLOCKS = ("DownEncoderBlock2D",)
 _UP_BLOCKS = ("UpDecoderBlock2D",)
@@ -120,7 +120,7 @@ class GroupNorm(nn.Module):
             out = self._normalize(x, weight, bias)
             return silu(out) if then_silu else out
 
-        if native.applies(x, self.weight, self.bias):
+        if dispatch.op_path(x, self.weight, self.bias) == "native":
             return native.group_norm(x, self.weight, self.bias, self.num_groups, self.eps, then_silu, in_mlx)
         return in_mlx(x, self.weight, self.bias)
 
@@ -174,17 +174,18 @@ class Conv3x3(nn.Conv2d):
         super().__init__(in_channels, out_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if native.applies(x, self.weight, self.bias):
+        path = dispatch.op_path(x, self.weight, self.bias)
+        if path == "native":
             return native.conv3x3(x, self.weight, self.bias, self._in_mlx)
-        return self._in_mlx(x, self.weight, self.bias)
+        if path == "fast":
+            return self._in_mlx(x, self.weight, self.bias)
+        return mx.conv2d(x, self.weight, padding=1) + self.bias
 
     @staticmethod
     def _in_mlx(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
-        shifted = (x.shape[-1] >= _SHIFTED_CONV_MIN_CHANNELS and x.shape[1] * x.shape[2] >= _SHIFTED_CONV_MIN_PIXELS
-                   and x.dtype == mx.float32)
-        if not shifted or mx.default_device() != mx.cpu:
-            return mx.conv2d(x, weight, padding=1) + bias
-        return _shifted_conv3x3(x, weight, bias)
+        """The CPU's MLX path (and the kernel's gradients): nine addmm where conv2d's unfolded input is large."""
+        shifted = x.shape[-1] >= _SHIFTED_CONV_MIN_CHANNELS and x.shape[1] * x.shape[2] >= _SHIFTED_CONV_MIN_PIXELS
+        return _shifted_conv3x3(x, weight, bias) if shifted else mx.conv2d(x, weight, padding=1) + bias
 
 
 class ResnetBlock2D(nn.Module):

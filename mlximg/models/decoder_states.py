@@ -15,7 +15,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..configs import checked
-from .lm_kernels import PaddedCausalMask, kernels_for
+from .lm_kernels import PaddedCausalMask, decoder_layer, mlp
 
 
 # The sizes every decoder config needs, as transformers names them; head_dim may be absent (hidden / heads).
@@ -132,12 +132,11 @@ class DecoderHiddenStates(nn.Module):
         h = self.model.embed_tokens(input_ids)
         states = [h]
         rows = None if unattended is None else UnattendedRows(self.model, np.array(input_ids), unattended)
-        with kernels_for(self.model):
-            for layer in self.model.layers[:depth]:
-                h = layer(h, mask)
-                if rows is not None:
-                    h = rows.step(layer, h)
-                states.append(h)
+        for layer in self.model.layers[:depth]:
+            h = decoder_layer(layer, h, mask)
+            if rows is not None:
+                h = rows.step(layer, h)
+            states.append(h)
         return [states[k] for k in indices]
 
 
@@ -154,7 +153,7 @@ class UnattendedRows:
 
     def step(self, layer: nn.Module, out: mx.array) -> mx.array:
         """Advance the rows through `layer` and write them over the block's output `out` (B, L, D)."""
-        self.h = self.h + layer.mlp(layer.post_attention_layernorm(self.h))
+        self.h = self.h + mlp(layer.mlp, layer.post_attention_layernorm(self.h))
         b, length, dim = out.shape
         flat = out.reshape(b * length, dim)
         flat[self.flat_rows] = self.h[self.inverse]

@@ -1,21 +1,18 @@
-"""The CPU kernels (nn/native.py) for the mlx-lm decoders that serve as text encoders.
+"""The text encoders' decoder layers: mlx-lm's Qwen3 / Llama (Mistral) modules, weights and checkpoints, run by a
+forward of ours whose attention and SwiGLU go through mlximg's op dispatch, so that the CPU kernels apply
+without assigning anything in mlx-lm's modules (which every thread shares).
 
-mlx-lm's attention layers call the `scaled_dot_product_attention` and MLPs the `swiglu` of their model's module;
-while `kernels_for(model)` is active those names point at the functions below, which take the native kernels where
-they apply and mlx-lm's own functions otherwise, with the same results. mlx-lm's functions run MLX's scalar CPU exp
-(~14 ns a value here): at a 512-token prompt that was most of a small encoder's time.
+`decoder_layer` is mlx-lm's TransformerBlock.__call__ without a KV cache (the encoders run one pass over the
+prompt), with `scaled_dot_product_attention` and `mlp` in place of mlx-lm's module functions.
 """
 
-import sys
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import activations, base
+from mlx_lm.models import base
 
-from ..nn import merge_heads, native, silu_mul
+from ..nn import dispatch, merge_heads, native, silu_mul
 
 
 @dataclass(frozen=True)
@@ -42,9 +39,11 @@ def _kernel_mask(mask) -> tuple[bool, mx.array | None] | None:
 
 
 def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mask, sinks=None) -> mx.array:
-    """mlx_lm.models.base.scaled_dot_product_attention, also accepting a PaddedCausalMask."""
+    """mlx_lm.models.base.scaled_dot_product_attention, also accepting a PaddedCausalMask, on the CPU kernel
+    where the op dispatch chooses it; (B, heads, L, D) in and out, as mlx-lm's."""
     kernel_mask = _kernel_mask(mask) if cache is None and sinks is None else None
-    if kernel_mask is not None and native.supports_attention(queries, keys, values, kernel_mask[1]):
+    if (kernel_mask is not None and dispatch.op_path(queries) == "native"
+            and native.supports_attention(queries, keys, values, kernel_mask[1])):
         causal, key_mask = kernel_mask
         dense = mask.dense() if isinstance(mask, PaddedCausalMask) else mask
 
@@ -53,32 +52,31 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
 
         out = native.attention(queries, keys, values, scale, key_mask, in_mlx, causal=causal)
         batch, length, heads = queries.shape[0], queries.shape[2], queries.shape[1]
-        return out.reshape(batch, length, heads, -1).transpose(0, 2, 1, 3)  # mlx-lm transposes it back
+        return out.reshape(batch, length, heads, -1).transpose(0, 2, 1, 3)
     if isinstance(mask, PaddedCausalMask):
         mask = mask.dense()
     return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 
 
-def swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    """mlx_lm.models.activations.swiglu on the CPU kernel where it applies."""
-    return silu_mul(gate, x) if native.applies(gate, x) and gate.shape == x.shape else activations.swiglu(gate, x)
+def attention(attn: nn.Module, x: mx.array, mask) -> mx.array:
+    """mlx-lm's Qwen3 / Llama Attention.__call__ without a cache (Qwen3 norms q and k per head, Llama does not)."""
+    batch, length, _ = x.shape
+    queries = attn.q_proj(x).reshape(batch, length, attn.n_heads, -1)
+    keys = attn.k_proj(x).reshape(batch, length, attn.n_kv_heads, -1)
+    values = attn.v_proj(x).reshape(batch, length, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    if "q_norm" in attn:
+        queries, keys = attn.q_norm(queries), attn.k_norm(keys)
+    queries, keys = attn.rope(queries.transpose(0, 2, 1, 3)), attn.rope(keys.transpose(0, 2, 1, 3))
+    out = scaled_dot_product_attention(queries, keys, values, None, scale=attn.scale, mask=mask)
+    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
-# The names are module attributes, shared by every thread: one encoder swaps them at a time.
-_SWAP_LOCK = threading.RLock()
+def mlp(block: nn.Module, x: mx.array) -> mx.array:
+    """mlx-lm's SwiGLU MLP."""
+    return block.down_proj(silu_mul(block.gate_proj(x), block.up_proj(x)))
 
 
-@contextmanager
-def kernels_for(model: nn.Module):
-    """Route the attention and SwiGLU of mlx-lm `model`'s layers through the functions above while active."""
-    modules = {sys.modules[type(layer).__module__] for layer in model.layers}
-    with _SWAP_LOCK:
-        replaced = [(module, name, getattr(module, name)) for module in modules
-                    for name in ("scaled_dot_product_attention", "swiglu") if hasattr(module, name)]
-        for module, name, _ in replaced:
-            setattr(module, name, globals()[name])
-        try:
-            yield
-        finally:
-            for module, name, original in replaced:
-                setattr(module, name, original)
+def decoder_layer(layer: nn.Module, x: mx.array, mask) -> mx.array:
+    """mlx-lm's pre-norm TransformerBlock: attention, then the MLP, each added to the residual stream."""
+    h = x + attention(layer.self_attn, layer.input_layernorm(x), mask)
+    return h + mlp(layer.mlp, layer.post_attention_layernorm(h))

@@ -1,10 +1,10 @@
 """Multi-head attention core: MLX's fused scaled-dot-product kernel; on the CPU in float32 the compiled kernel of
-native.py, or, where that cannot be built, a softmax with a faster exp (cpu_math.py). MLX's CPU sdpa spends most
-of its time in exp."""
+native.py, or a softmax with a faster exp (cpu_math.py), as dispatch.py chooses. MLX's CPU sdpa spends most of
+its time in exp."""
 
 import mlx.core as mx
 
-from . import cpu_math, native
+from . import cpu_math, dispatch, native
 
 
 def merge_heads(out: mx.array) -> mx.array:
@@ -19,15 +19,16 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
     `mask` is boolean (True = attend) or additive, broadcastable to (B, heads, N_q, N_k).
     """
     scale = q.shape[-1] ** -0.5
-    if not cpu_math.fast_math_applies(q):
+    path = dispatch.op_path(q, k, v)
+    if path == "mlx":
         return merge_heads(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
 
-    def in_mlx(q, k, v):
+    def fast(q, k, v):
         return merge_heads(cpu_math.attention(q, k, v, scale, mask))
 
-    if native.supports_attention(q, k, v, mask):
-        return native.attention(q, k, v, scale, mask, in_mlx)
-    return in_mlx(q, k, v)
+    if path == "native" and native.supports_attention(q, k, v, mask):
+        return native.attention(q, k, v, scale, mask, fast)
+    return fast(q, k, v)
 
 
 def split_heads(x: mx.array, heads: int) -> mx.array:

@@ -16,7 +16,7 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import native
+from . import dispatch, native
 
 # e^r for |r| <= ln(2) / 2: Taylor coefficients to degree 7 (truncation error < 6e-9 relative).
 _EXP_COEFFICIENTS = tuple(1 / math.factorial(n) for n in range(8))
@@ -27,11 +27,6 @@ _EXP_RANGE = (-87.0, 88.0)
 _ROUNDING = 1.5 * 2**23  # adding and subtracting it rounds a float32 below 2^22 to the nearest integer
 _PARALLEL_MIN_VALUES = 1 << 16  # below this, starting the streams costs more than the work
 _QUERY_BLOCK = 256  # queries per attention block (256-2048 within 15% at 4128 tokens here)
-
-
-def fast_math_applies(x: mx.array) -> bool:
-    """Whether the CPU path below runs for `x`: float32 on the CPU."""
-    return x.dtype == mx.float32 and mx.default_device() == mx.cpu
 
 
 @lru_cache(maxsize=None)
@@ -107,17 +102,19 @@ def _silu_mul_in_streams(gate: mx.array, value: mx.array) -> mx.array:
 
 
 def silu(x: mx.array) -> mx.array:
-    """x sigmoid(x), on any device: native.py's kernel, else the polynomial exp on the CPU, else nn.silu."""
-    if not fast_math_applies(x):
+    """x sigmoid(x), on any device, by the op path dispatch.py picks: the kernel, the polynomial exp, nn.silu."""
+    path = dispatch.op_path(x)
+    if path == "mlx":
         return nn.silu(x)
-    return native.silu_mul(x, None, _silu_in_streams) if native.applies(x) else _silu_in_streams(x)
+    return native.silu_mul(x, None, _silu_in_streams) if path == "native" else _silu_in_streams(x)
 
 
 def silu_mul(gate: mx.array, value: mx.array) -> mx.array:
     """SwiGLU's silu(gate) * value, on any device, chosen as `silu`."""
-    if not fast_math_applies(gate):
+    path = dispatch.op_path(gate, value)
+    if path == "mlx":
         return nn.silu(gate) * value
-    if native.applies(gate, value) and gate.shape == value.shape:
+    if path == "native" and gate.shape == value.shape:
         return native.silu_mul(gate, value, _silu_mul_in_streams)
     return _silu_mul_in_streams(gate, value)
 

@@ -9,7 +9,7 @@ buffer for one BLAS matmul each (MLX's CPU conv2d unfolds the whole input); the 
 each. The library is compiled with g++ (which MLX's own CPU compiler also calls) into a cache folder keyed by the
 source and compiler, and used on Linux when mlximg preloaded OpenBLAS (whose cblas_sgemm the attention and
 convolution kernels call). Where any of that is missing, `applies` is False and callers keep their MLX ops;
-`status()` says why. MLXIMG_NATIVE=0 turns the kernels off.
+`status()` says why. Whether an op uses them is decided in dispatch.py (MLXIMG_OPS).
 
 The kernels run outside MLX's graph: their inputs are evaluated first (a host synchronisation, harmless on the
 CPU, whose work runs in order anyway) and the result is a new array. Gradients come from the caller's MLX version
@@ -32,7 +32,6 @@ import numpy as np
 
 from ..runtime import blas
 
-OPT_OUT_ENV = "MLXIMG_NATIVE"  # set to 0 to keep MLX's own ops
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-Wall", "-Wno-psabi")
 _LANES = 8  # the kernel's vector width: key masks are padded to a multiple of it
@@ -104,9 +103,6 @@ def _bind(path: Path, openblas: str) -> _Library:
 @lru_cache(maxsize=None)
 def _library() -> _Library | None:
     """The bound library, or None with the reason kept for `status`."""
-    if os.environ.get(OPT_OUT_ENV, "1") == "0":
-        _reason["text"] = f"disabled by {OPT_OUT_ENV}=0"
-        return None
     openblas = blas.preload_system_blas()
     if not sys.platform.startswith("linux") or openblas is None:
         _reason["text"] = "needs Linux with mlximg's OpenBLAS (" + blas.blas_status() + ")"
@@ -123,10 +119,14 @@ def _library() -> _Library | None:
     return library
 
 
+def built() -> bool:
+    """Whether the kernels are built (and can be called) on this machine."""
+    return _library() is not None
+
+
 def applies(*arrays: mx.array) -> bool:
     """Whether the kernels can run on these arrays: float32 on the CPU, with the library built."""
-    return (mx.default_device() == mx.cpu and all(a.dtype == mx.float32 for a in arrays)
-            and _library() is not None)
+    return mx.default_device() == mx.cpu and all(a.dtype == mx.float32 for a in arrays) and built()
 
 
 def status() -> str:

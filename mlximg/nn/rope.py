@@ -6,7 +6,7 @@ Tables are built once per run on the host from integer positions and reused by e
 import mlx.core as mx
 import numpy as np
 
-from . import native
+from . import dispatch, native
 
 
 def rope_tables(
@@ -48,7 +48,7 @@ def norm_rope_heads(x: mx.array, norm, cos: mx.array, sin: mx.array) -> mx.array
             x = mx.fast.rms_norm(x, weight, eps)
         return apply_rope(x.transpose(0, 2, 1, 3), cos, sin).transpose(0, 2, 1, 3)
 
-    if native.supports_norm_rope(x, cos):
+    if dispatch.op_path(x, cos) == "native" and native.supports_norm_rope(x, cos):
         out = native.rms_norm_rope(x, weight, eps, cos, sin, tokens_first)
     else:
         out = tokens_first(x, weight)

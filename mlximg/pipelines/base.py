@@ -175,9 +175,10 @@ class Pipeline:
     def run_steps(self, run: Run) -> Iterator[StepState]:
         """Encode, then the shared denoising loop with this family's Denoiser."""
         self.phases.clear()
-        denoiser = self.denoiser(run)
+        schedule = self.schedule(run)
+        denoiser = self.denoiser(run, schedule)
         with self.phases.phase("denoise"):
-            yield from denoise(denoiser, run.latents, self.schedule(run), self.scheduler, self.tracker,
+            yield from denoise(denoiser, run.latents, schedule, self.scheduler, self.tracker,
                                teacache=run.teacache, stepcache=run.stepcache, check=self.check_finite,
                                progress=run.progress)
 
@@ -192,9 +193,9 @@ class Pipeline:
                 self.release("text_encoder")
         return embeddings, [distinct.index(p) for p in prompts]
 
-    def decode(self, latents: mx.array, **vae_options):
-        """Latents (1, C, h, w) in diffusers' layout -> PIL image, in the "decode" phase; options go to the VAE."""
-        with self.phases.phase("decode"):
+    def decode(self, latents: mx.array, *, phase: str = "decode", **vae_options):
+        """Latents (1, C, h, w) in diffusers' layout -> PIL image, in the phase `phase`; options go to the VAE."""
+        with self.phases.phase(phase):
             vae = self.component("vae")
             decoded = vae.decode_latents(latents.astype(self.dtype), **vae_options)
             self.tracker.eval(decoded)
@@ -245,7 +246,7 @@ class Pipeline:
     def schedule(self, run: Run) -> Schedule:
         raise NotImplementedError
 
-    def denoiser(self, run: Run) -> Denoiser:
+    def denoiser(self, run: Run, schedule: Schedule) -> Denoiser:
         """Encode the run's prompts (and whatever else conditions it) and return its Denoiser."""
         raise NotImplementedError
 

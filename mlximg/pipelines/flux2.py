@@ -125,7 +125,7 @@ class Flux2Pipeline(Pipeline):
         sigmas = self.scheduler.sigmas(run.steps, sigmas=np.linspace(1.0, 1.0 / run.steps, run.steps), mu=mu)
         return Schedule(sigmas, (self.scheduler.timesteps(sigmas) / np.float32(1000)).astype(np.float32))
 
-    def denoiser(self, run: Run) -> "Flux2Denoiser":
+    def denoiser(self, run: Run, schedule: Schedule) -> "Flux2Denoiser":
         embeddings, index = self.encode(run.prompts + (run.negative_prompts or []))
         text = embeddings[mx.array(index)] if index != list(range(len(embeddings))) else embeddings
         references = run.options["references"]

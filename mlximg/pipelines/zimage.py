@@ -132,12 +132,12 @@ class ZImagePipeline(Pipeline):
         # The transformer's time runs the other way: t = 1 - sigma, from the scheduler's float32 timesteps.
         return Schedule(sigmas, (np.float32(1000) - self.scheduler.timesteps(sigmas)) / np.float32(1000))
 
-    def denoiser(self, run: Run) -> ZImageDenoiser:
+    def denoiser(self, run: Run, schedule: Schedule) -> ZImageDenoiser:
         embeddings, index = self.encode(run.prompts + (run.negative_prompts or []))
         captions = [embeddings[i] for i in index]
         batch = len(run.prompts)
         negative = captions[batch:] if run.negative_prompts is not None else None
-        return ZImageDenoiser(self.component("transformer"), captions[:batch], negative, self.schedule(run).times,
+        return ZImageDenoiser(self.component("transformer"), captions[:batch], negative, schedule.times,
                               run.guidance, run.options["cfg_truncation"], run.options["cfg_normalization"],
                               self.dtype)
 

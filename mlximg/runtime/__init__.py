@@ -11,16 +11,5 @@ from .device import backend, compute_dtype, dtype_name  # noqa: E402
 from .phases import PhaseLog, PhaseStats  # noqa: E402
 from .tracker import Tracker, nbytes  # noqa: E402
 
-# Process-wide defaults; a pipeline may hold its own Tracker and PhaseLog.
-tracker = Tracker()
-phases = PhaseLog()
-keep = tracker.keep
-free = tracker.free
-eval = tracker.eval
-release = tracker.release
-phase = phases.phase
-
-__all__ = [
-    "PhaseLog", "PhaseStats", "Tracker", "backend", "blas_status", "compute_dtype", "dtype_name", "eval",
-    "free", "keep", "nbytes", "phase", "phases", "preload_system_blas", "release", "tracker",
-]
+__all__ = ["PhaseLog", "PhaseStats", "Tracker", "backend", "blas_status", "compute_dtype", "dtype_name", "nbytes",
+           "preload_system_blas"]

@@ -59,7 +59,14 @@ class PhaseLog:
         self.records.clear()
 
     def table(self) -> str:
+        """One row per phase name, in order of first appearance; a phase run n times (a decode per image, a
+        preview per step) shows "x n", its total time, its highest peak and its last active bytes."""
+        groups: dict[str, list[PhaseStats]] = {}
+        for record in self.records:
+            groups.setdefault(record.name, []).append(record)
         lines = [f"{'phase':<14}{'seconds':>10}{'peak MiB':>12}{'active MiB':>12}"]
-        for r in self.records:
-            lines.append(f"{r.name:<14}{r.seconds:>10.3f}{_mib(r.peak):>12}{_mib(r.active_after):>12}")
+        for name, records in groups.items():
+            label = name if len(records) == 1 else f"{name} x{len(records)}"
+            seconds, peak = sum(r.seconds for r in records), max(r.peak for r in records)
+            lines.append(f"{label:<14}{seconds:>10.3f}{_mib(peak):>12}{_mib(records[-1].active_after):>12}")
         return "\n".join(lines)
