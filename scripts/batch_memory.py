@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline_memory import build
+from pipeline_memory import build, model_arguments
 from random_models import GUIDANCE
 
 
@@ -33,11 +33,7 @@ def run(family: str, folder: Path, size: int, steps: int, images: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=["zimage", "klein"], default="zimage")
-    parser.add_argument("--folder", type=Path, help="where the random model is built (default /tmp/mlximg-FAMILY-mid)")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=2)
+    parser = model_arguments(__doc__)
     parser.add_argument("--images", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--run", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

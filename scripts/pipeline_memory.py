@@ -39,12 +39,18 @@ def run(family: str, folder: Path, size: int, steps: int, keep_text_encoder: boo
                       for r in pipeline.phases.records}))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every script on these random models takes: family, folder, size, steps."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=["zimage", "klein"], default="zimage")
     parser.add_argument("--folder", type=Path, help="where the random model is built (default /tmp/mlximg-FAMILY-mid)")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2)
+    return parser
+
+
+def main() -> None:
+    parser = model_arguments(__doc__)
     parser.add_argument("--run", choices=["release", "keep"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.folder = args.folder or Path(f"/tmp/mlximg-{args.family}-mid")
