@@ -16,8 +16,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .quant.float8 import float8_keys, fold_float8
-from .quant.format import Quantization, check_quantized, dequantize_weights
-from .quant.modules import quantize_module, quantize_structure
+from .quant.format import Quantization, check_quantized, dequantize_weights, quantize_weights
+from .quant.modules import quantize_structure
 from .quant.options import FP8Options
 from .quant.policy import layer_policy
 
@@ -208,24 +208,26 @@ def read_weights(folder: Path) -> tuple[dict[str, mx.array], bool]:
 
 def load_quantizable(module: nn.Module, weights: dict[str, mx.array], config: dict, component: str, name: str,
                      dtype: mx.Dtype | None = None, *, fp8: FP8Options | None = None) -> nn.Module:
-    """Strict load of float, FP8 (config "quantization") or folded float8 weights, then FP8 as `fp8` asks.
+    """Strict load of float, FP8 (config "quantization") or folded float8 weights, FP8 as `fp8` says.
 
-    FP8 runs on `fp8.execution` (matmul: QuantizedLinear; dequantize: float weights). Folded float8 weights, and a
-    float checkpoint with `fp8.quantize_at_load`, are quantized to mxfp8 per the policy.
+    FP8 runs on `fp8.execution` (matmul: QuantizedLinear; dequantize: float weights). A float checkpoint with
+    `fp8.quantize_at_load`, and folded float8 weights on the matmul path, are quantized to mxfp8 per the policy
+    from the checkpoint's own precision before any cast (one rounding, as `mlximg quantize`), then load as an
+    FP8 checkpoint does.
     """
     fp8 = fp8 or FP8Options()  # made per call: the execution path may come from MLXIMG_FP8
     policy = layer_policy(component, config)
     quantization = Quantization.from_config(config)
+    if quantization is None and (fp8.quantize_at_load or (fp8.float8_checkpoint and fp8.execution == "matmul")):
+        quantization = Quantization()
+        weights = quantize_weights(weights, policy, quantization)
     if quantization is not None:
         layers = check_quantized(weights, quantization, policy, name)
         if fp8.execution == "dequantize":
             weights = dequantize_weights(weights, layers, quantization)
         else:
             quantize_structure(module, layers, quantization)
-    load_weights_strict(module, cast_floating(weights, dtype), name)
-    if quantization is None and (fp8.quantize_at_load or (fp8.float8_checkpoint and fp8.execution == "matmul")):
-        quantize_module(module, policy, fp8.execution)
-    return module
+    return load_weights_strict(module, cast_floating(weights, dtype), name)
 
 
 def load_checkpoint(module: nn.Module, folder: Path, config: dict, component: str,

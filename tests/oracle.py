@@ -89,3 +89,69 @@ class RecordInputs:
 
     def __exit__(self, *exc):
         self.handle.remove()
+
+
+# -- the Mac pass (pytest --mac): MLX's own ops, bfloat16 compute, FP8 as a quantized matmul --------------------------
+
+# mlximg's error against the float32 reference may exceed the reference's own bfloat16-vs-float32 error by this
+# factor plus this floor: both engines round at different points, so neither is the other's exact witness.
+LOW_PRECISION_FACTOR = 1.25
+IMAGE_FLOOR = {"max": 4.0, "mean": 0.5}  # pixel levels (0-255)
+TENSOR_FLOOR = 2.0**-8  # one bfloat16 ulp, relative
+
+
+def mac_pass() -> bool:
+    """Whether this run is the Mac pass (conftest.py sets MLXIMG_DTYPE=bfloat16 for it)."""
+    return os.environ.get("MLXIMG_DTYPE") == "bfloat16"
+
+
+def in_bfloat16(module):
+    """A bfloat16 copy of a torch module or diffusers pipeline; the float32 original stays as it is."""
+    import copy
+
+    import torch
+
+    return copy.deepcopy(module).to(torch.bfloat16)
+
+
+def image_errors(actual, expected) -> dict[str, float]:
+    difference = np.abs(np.asarray(actual, np.float64) - np.asarray(expected, np.float64))
+    return {"max": float(difference.max()), "mean": float(difference.mean())}
+
+
+def assert_image_within_reference(ours, expected, low_expected, what: str = "image") -> dict:
+    """Mac pass: mlximg-bf16's pixel error against diffusers-float32 within diffusers-bf16's own, by the margin."""
+    ours_error, reference_error = image_errors(ours, expected), image_errors(low_expected, expected)
+    for key, floor in IMAGE_FLOOR.items():
+        bound = LOW_PRECISION_FACTOR * reference_error[key] + floor
+        assert ours_error[key] <= bound, (f"{what}: {key} error {ours_error[key]:.2f} against float32 exceeds "
+                                          f"diffusers-bf16's {reference_error[key]:.2f} x {LOW_PRECISION_FACTOR} "
+                                          f"+ {floor}")
+    print(f"{what}: mlximg-bf16 vs float32 {ours_error}, diffusers-bf16 vs float32 {reference_error}, "
+          f"mlximg vs diffusers-bf16 {image_errors(ours, low_expected)}")
+    return ours_error
+
+
+def assert_tensor_within_reference(ours, expected, low_expected, what: str = "output") -> float:
+    """Mac pass: the relative error against torch-float32 within torch-bf16's own, by the margin."""
+    ours_error = relative_error(to_numpy(ours), expected)
+    reference_error = relative_error(to_numpy(low_expected), expected)
+    bound = LOW_PRECISION_FACTOR * reference_error + TENSOR_FLOOR
+    assert ours_error <= bound, (f"{what}: relative error {ours_error:.3g} against float32 exceeds torch-bf16's "
+                                 f"{reference_error:.3g} x {LOW_PRECISION_FACTOR} + {TENSOR_FLOOR:.3g}")
+    print(f"{what}: mlximg-bf16 vs float32 {ours_error:.3g}, torch-bf16 vs float32 {reference_error:.3g}")
+    return ours_error
+
+
+def mlximg_dtype():
+    """The dtype components load in for a parity test: bfloat16 in the Mac pass, the checkpoint's otherwise."""
+    import mlx.core as mx
+
+    return mx.bfloat16 if mac_pass() else None
+
+
+def host(x) -> np.ndarray:
+    """An MLX array of any float dtype as float32 NumPy (NumPy has no bfloat16)."""
+    import mlx.core as mx
+
+    return np.array(x.astype(mx.float32)) if isinstance(x, mx.array) else np.asarray(x, np.float32)

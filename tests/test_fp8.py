@@ -9,6 +9,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from oracle import assert_close, host, mac_pass
 from test_flux2_pipeline import build_klein
 from test_zimage_pipeline import build_reference
 
@@ -93,11 +94,47 @@ def test_fp8_image_equals_independent_rounding(models, family, tmp_path):
     assert np.abs(image_of(oracle) - image_of(models / f"{family}-fp8", fp8="dequantize")).max() <= 1
 
 
+# Mac pass: the quantized-matmul image against the dequantized one, mean / max levels. In bfloat16 the dequantize
+# path is the witness: mxfp8 values are exact in bfloat16 and MLX's matmul accumulates in float32, as Metal's
+# quantized matmul does. MLX's Linux CPU mxfp8 kernel accumulates in bfloat16, which moves these images by
+# (measured) Z-Image 5.2 / 40 and klein 0.9 / 9: the CPU's cost, not the format's (test_fp8_matmul_layer pins the
+# layer); the bounds leave ~2x of that, far below a wrong layout (FP8 vs float is 13 / 139 and 1.5 / 13).
+MATMUL_BF16_BOUNDS = {"zimage": (10.0, 80), "klein": (2.0, 20)}
+
+
+@pytest.mark.mac
 @pytest.mark.parametrize("family", ["zimage", "klein"])
 def test_execution_paths_agree(models, family):
     matmul = image_of(models / f"{family}-fp8", fp8="matmul")
     dequantize = image_of(models / f"{family}-fp8", fp8="dequantize")
-    assert np.abs(matmul - dequantize).max() <= 1
+    difference = np.abs(matmul - dequantize)
+    if mac_pass():
+        mean_bound, max_bound = MATMUL_BF16_BOUNDS[family]
+        print(f"{family} bfloat16: matmul vs dequantize mean {difference.mean():.2f} max {difference.max()}")
+        assert difference.mean() <= mean_bound and difference.max() <= max_bound
+    else:
+        assert difference.max() <= 1
+
+
+@pytest.mark.mac
+@pytest.mark.parametrize("width", [64, 256, 1024])
+def test_fp8_matmul_layer_against_float32_accumulation(width):
+    """A QuantizedLinear (mxfp8) against dequantized weights in a float32 matmul, then cast: float32 inputs agree
+    to float32 rounding; bfloat16 ones within sqrt(width) bfloat16 ulps, the random-walk growth of the CPU
+    kernel's bfloat16 accumulation (Metal accumulates in float32). A wrong layout or scale is off by O(1)."""
+    rng = np.random.default_rng(width)
+    layer = nn.QuantizedLinear(width, 128, bias=True, group_size=32, bits=8, mode="mxfp8")
+    layer.weight, layer.scales = mx.quantize(mx.array(rng.standard_normal((128, width)).astype(np.float32) * 0.05),
+                                             group_size=32, bits=8, mode="mxfp8")[:2]
+    bias = mx.array(rng.standard_normal(128).astype(np.float32) * 0.1)
+    weight = mx.dequantize(layer.weight, layer.scales, group_size=32, bits=8, mode="mxfp8", dtype=mx.float32)
+    for dtype, bound in ((mx.float32, 1e-6), (mx.bfloat16, 2.0**-8 * np.sqrt(width))):
+        layer.bias = bias.astype(dtype)  # the compute dtype, as the loaders cast it
+        x = mx.array(rng.standard_normal((4, 9, width)).astype(np.float32)).astype(dtype)
+        ours = layer(x)
+        witness = (x.astype(mx.float32) @ weight.T + layer.bias.astype(mx.float32)).astype(dtype)
+        assert ours.dtype == dtype
+        assert_close(host(ours), host(witness), bound, f"{dtype} QuantizedLinear, width {width}")
 
 
 def test_execution_path_from_environment(models, monkeypatch):
@@ -110,6 +147,21 @@ def test_execution_path_from_environment(models, monkeypatch):
     monkeypatch.setenv("MLXIMG_FP8", "fast")
     with pytest.raises(ValueError, match="unknown FP8 execution path 'fast'"):
         load_zimage_transformer(models / "zimage-fp8")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_on_the_fly_quantization_rounds_once_from_the_source(models, dtype):
+    """quantize="fp8" quantizes the checkpoint's float32 weights before the cast to the compute dtype: the codes
+    equal `mlximg quantize`'s (bfloat16 first, then FP8, differed in 3.1% of them)."""
+    pipeline = mlximg.load(str(models / "klein"), quantize="fp8", fp8="matmul", dtype=dtype)
+    ours = dict(tree_flatten(pipeline.component("transformer").parameters()))
+    script = load_safetensors(weight_files(models / "klein-fp8" / "transformer"))
+    codes = [key for key in script if key.endswith(".scales")]
+    assert codes
+    for key in codes:
+        layer = key.removesuffix(".scales")
+        assert mx.array_equal(ours[f"{layer}.weight"], script[f"{layer}.weight"]), layer
+        assert mx.array_equal(ours[key], script[key]), key
 
 
 def test_on_the_fly_quantization_equals_the_fp8_checkpoint(models):

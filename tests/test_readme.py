@@ -26,3 +26,8 @@ def test_readme_installs_torch_from_the_cpu_index():
     """On a plain Linux machine `pip install torch==2.13.0` pulls the CUDA build; the README gives the CPU index."""
     text = (ROOT / "README.md").read_text()
     assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in text
+
+
+def test_ci_runs_the_mac_pass():
+    """The Mac configuration (MLX's own ops, bfloat16, FP8 matmul) is tested in CI, not only on a Mac."""
+    assert "python -m pytest -q --mac" in (ROOT / ".ci" / "run").read_text().splitlines()

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from oracle import perturb_, require_oracle
+from oracle import assert_image_within_reference, in_bfloat16, mac_pass, perturb_, require_oracle
 
 import mlximg
 from mlximg.pipelines.zimage import ZImagePipeline
@@ -61,37 +61,47 @@ def pixels(image) -> np.ndarray:
 
 
 def run_both(tiny, rng, **kwargs):
+    """(mlximg's pixels, diffusers-float32's, pipeline); in the Mac pass also diffusers-bf16's, last."""
     import torch
 
     reference, folder = tiny
     height, width = kwargs.pop("height"), kwargs.pop("width")
     latents = rng.standard_normal((1, 16, height // 8, width // 8)).astype(np.float32)
-    expected = reference(height=height, width=width, latents=torch.from_numpy(latents.copy()),
-                         **{k: v for k, v in kwargs.items() if k != "cfg_normalization"},
-                         cfg_normalization=kwargs.get("cfg_normalization", False)).images[0]
+
+    def diffusers_image(pipe):
+        return pipe(height=height, width=width, latents=torch.from_numpy(latents.copy()),
+                    **{k: v for k, v in kwargs.items() if k != "cfg_normalization"},
+                    cfg_normalization=kwargs.get("cfg_normalization", False)).images[0]
+
+    expected = diffusers_image(reference)
+    low = pixels(diffusers_image(in_bfloat16(reference))) if mac_pass() else None
     pipeline = ZImagePipeline(folder, defaults={"steps": 4, "guidance": 0.0})
     ours = pipeline.generate(kwargs["prompt"], height=height, width=width, steps=kwargs["num_inference_steps"],
                              guidance=kwargs["guidance_scale"], negative_prompt=kwargs.get("negative_prompt"),
                              latents=latents, cfg_truncation=kwargs.get("cfg_truncation", 1.0),
                              cfg_normalization=kwargs.get("cfg_normalization", False))
-    return pixels(ours), pixels(expected), pipeline
+    return pixels(ours), pixels(expected), pipeline, low
 
 
+@pytest.mark.mac
 @pytest.mark.parametrize("options", [
     dict(guidance_scale=0.0),
     dict(guidance_scale=4.0, negative_prompt="blurry, low quality"),
     dict(guidance_scale=3.0, cfg_normalization=True, cfg_truncation=0.6),
 ], ids=["turbo-no-cfg", "cfg-negative", "cfg-normalized-truncated"])
 def test_image_matches_diffusers(tiny, rng, options):
-    ours, expected, _ = run_both(tiny, rng, prompt="a red fox in the snow", height=64, width=96,
-                                 num_inference_steps=3, **options)
+    ours, expected, _, low = run_both(tiny, rng, prompt="a red fox in the snow", height=64, width=96,
+                                      num_inference_steps=3, **options)
     assert ours.shape == expected.shape == (64, 96, 3)
-    assert np.abs(ours - expected).max() <= 1, f"max pixel difference {np.abs(ours - expected).max()}"
+    if low is not None:
+        assert_image_within_reference(ours, expected, low, f"Z-Image {options}")
+    else:
+        assert np.abs(ours - expected).max() <= 1, f"max pixel difference {np.abs(ours - expected).max()}"
     assert ours.std() > 5, "a flat image would match trivially"
 
 
 def test_text_encoder_released_after_encoding(tiny, rng):
-    _, _, pipeline = run_both(tiny, rng, prompt="a lighthouse", height=32, width=32, num_inference_steps=2,
+    _, _, pipeline, _ = run_both(tiny, rng, prompt="a lighthouse", height=32, width=32, num_inference_steps=2,
                               guidance_scale=0.0)
     assert "text_encoder" not in pipeline.loaded
     assert set(pipeline.tracker.owners()) == {"transformer", "vae"}

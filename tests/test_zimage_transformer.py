@@ -3,7 +3,8 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from oracle import assert_close, perturb_, require_oracle, save_tiny
+from oracle import (assert_close, assert_tensor_within_reference, host, in_bfloat16, mac_pass, mlximg_dtype, perturb_,
+                    require_oracle, save_tiny)
 
 from mlximg.models.zimage import ZImageConfig, ZImageTransformer, load_zimage_transformer
 
@@ -21,7 +22,7 @@ def tiny(tmp_path_factory):
     reference = perturb_(ZImageTransformer2DModel(**TINY).eval())
     folder = tmp_path_factory.mktemp("zimage")
     save_tiny(reference, folder / "transformer")
-    return reference, load_zimage_transformer(folder)
+    return reference, load_zimage_transformer(folder, mlximg_dtype())
 
 
 def run_reference(reference, latents, t, caps):
@@ -32,9 +33,10 @@ def run_reference(reference, latents, t, caps):
     hooks = [block.register_forward_hook(lambda m, i, o, name=f"{group}.{k}": captured.append((name, o)))
              for group in ("noise_refiner", "context_refiner", "layers")
              for k, block in enumerate(getattr(reference, group))]
+    dtype = next(reference.parameters()).dtype  # the pipelines feed the model's dtype; t stays float32
     try:
-        out = reference([torch.from_numpy(x[:, None]) for x in latents], torch.from_numpy(t),
-                        [torch.from_numpy(c) for c in caps], return_dict=False)[0]
+        out = reference([torch.from_numpy(x[:, None]).to(dtype) for x in latents], torch.from_numpy(t),
+                        [torch.from_numpy(c).to(dtype) for c in caps], return_dict=False)[0]
     finally:
         for hook in hooks:
             hook.remove()
@@ -51,6 +53,7 @@ def valid_rows(name: str, n_image: int, cap_lengths: list[int]) -> list[int]:
     return [n_image + (-n_image) % 32 + p for p in padded]
 
 
+@pytest.mark.mac
 @pytest.mark.parametrize("height,width,cap_lengths", [
     (12, 20, [7, 40]),   # non-square; 60 image tokens (padded to 64); captions of different lengths, not x32
     (16, 16, [32]),      # square, batch 1, lengths already multiples of 32: no padding at all
@@ -65,7 +68,13 @@ def test_blocks_and_output_match_diffusers(tiny, rng, height, width, cap_lengths
 
     expected, expected_blocks = run_reference(reference, latents, t, caps)
     captured = []
-    out = model(mx.array(latents), mx.array(t), [mx.array(c) for c in caps], capture=captured)
+    dtype = model.all_x_embedder["2-1"].weight.dtype
+    out = model(mx.array(latents).astype(dtype), mx.array(t), [mx.array(c).astype(dtype) for c in caps],
+                capture=captured)
+    if mac_pass():  # bfloat16: within torch-bf16's own error against float32
+        low, _ = run_reference(in_bfloat16(reference), latents, t, caps)
+        assert_tensor_within_reference(host(out), expected, low, "bfloat16 output")
+        return
 
     # Captions are refined before the image tokens (their refiner is step-independent), so compare by name.
     assert sorted(name for name, _ in captured) == sorted(name for name, _ in expected_blocks)

@@ -17,7 +17,7 @@ from ..cache.runner import BlockRunner
 from ..configs import at_least, check_fields, from_dict
 from ..loading import load_component
 from ..quant.options import FP8Options
-from ..nn import RMSNorm, attention, layer_norm, norm_rope_heads, rope_tables, silu_mul, timestep_embedding
+from ..nn import RMSNorm, attention, layer_norm, norm_rope_heads, rope_tables, silu, silu_mul, timestep_embedding
 
 TIME_SCALE = 1000.0  # the model gets sigma (and the guidance scale) and embeds them x1000
 FLOAT16_MAX = 65504.0
@@ -195,7 +195,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.silu(self.linear_1(x)))
+        return self.linear_2(silu(self.linear_1(x)))
 
 
 class TimestepGuidanceEmbeddings(nn.Module):
@@ -226,7 +226,7 @@ class Modulation(nn.Module):
         self.linear = nn.Linear(dim, 3 * sets * dim, bias=False)
 
     def __call__(self, temb: mx.array) -> list[tuple[mx.array, mx.array, mx.array]]:
-        chunks = mx.split(self.linear(nn.silu(temb))[:, None], 3 * self.sets, axis=-1)
+        chunks = mx.split(self.linear(silu(temb))[:, None], 3 * self.sets, axis=-1)
         return [(chunks[i], 1 + chunks[i + 1], chunks[i + 2]) for i in range(0, 3 * self.sets, 3)]
 
 
@@ -239,7 +239,7 @@ class AdaLayerNormContinuous(nn.Module):
         self.linear = nn.Linear(dim, 2 * dim, bias=False)
 
     def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
-        scale, shift = mx.split(self.linear(nn.silu(temb))[:, None], 2, axis=-1)
+        scale, shift = mx.split(self.linear(silu(temb))[:, None], 2, axis=-1)
         return _modulate(x, shift, 1 + scale, self.eps)
 
 

@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlx_lm.models import base
 
 from ..nn import dispatch, merge_heads, native, silu_mul
+from ..nn import scaled_dot_product_attention as sdpa
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,15 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
         dense = mask.dense() if isinstance(mask, PaddedCausalMask) else mask
 
         def in_mlx(q, k, v):
-            return merge_heads(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=dense))
+            return merge_heads(sdpa(q, k, v, scale, dense))
 
         out = native.attention(queries, keys, values, scale, key_mask, in_mlx, causal=causal)
         batch, length, heads = queries.shape[0], queries.shape[2], queries.shape[1]
         return out.reshape(batch, length, heads, -1).transpose(0, 2, 1, 3)
     if isinstance(mask, PaddedCausalMask):
         mask = mask.dense()
+    if cache is None and sinks is None:
+        return sdpa(queries, keys, values, scale, mask)
     return base.scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 
 

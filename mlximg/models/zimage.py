@@ -16,7 +16,7 @@ from ..cache.runner import PLAIN, BlockRunner
 from ..configs import at_least, check_fields, from_dict
 from ..loading import load_component
 from ..quant.options import FP8Options
-from ..nn import RMSNorm, attention, layer_norm, norm_rope_heads, rope_tables, silu_mul, timestep_embedding
+from ..nn import RMSNorm, SiLU, attention, layer_norm, norm_rope_heads, rope_tables, silu_mul, timestep_embedding
 
 SEQ_MULTIPLE = 32  # every token sequence is padded to a multiple of this
 ADALN_DIM = 256  # width of the timestep conditioning
@@ -132,7 +132,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, out_dim: int, mid_dim: int = 1024, frequency_dim: int = 256):
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.mlp = [nn.Linear(frequency_dim, mid_dim), nn.SiLU(), nn.Linear(mid_dim, out_dim)]
+        self.mlp = [nn.Linear(frequency_dim, mid_dim), SiLU(), nn.Linear(mid_dim, out_dim)]
 
     def __call__(self, t: mx.array) -> mx.array:
         x = timestep_embedding(t, self.frequency_dim).astype(self.mlp[0].weight.dtype)
@@ -145,7 +145,7 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_dim: int, adaln_dim: int):
         super().__init__()
         self.linear = nn.Linear(dim, out_dim)
-        self.adaLN_modulation = [nn.SiLU(), nn.Linear(adaln_dim, dim)]
+        self.adaLN_modulation = [SiLU(), nn.Linear(adaln_dim, dim)]
 
     def __call__(self, x: mx.array, adaln: mx.array) -> mx.array:
         scale = 1 + self.adaLN_modulation[1](self.adaLN_modulation[0](adaln))

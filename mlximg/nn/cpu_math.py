@@ -101,11 +101,21 @@ def _silu_mul_in_streams(gate: mx.array, value: mx.array) -> mx.array:
     return _parallel(_silu_mul, gate, value, axis=-2)
 
 
+def _rounded_once(x: mx.array) -> mx.array:
+    return nn.silu(x.astype(mx.float32)).astype(x.dtype)
+
+
+def mlx_silu(x: mx.array) -> mx.array:
+    """nn.silu, in half precision computed in float32 and rounded once, as torch's silu is (fused into one kernel
+    where MLX compiles: no float32 copy is made)."""
+    return nn.silu(x) if x.dtype == mx.float32 else _compile(_rounded_once)(x)
+
+
 def silu(x: mx.array) -> mx.array:
-    """x sigmoid(x), on any device, by the op path dispatch.py picks: the kernel, the polynomial exp, nn.silu."""
+    """x sigmoid(x), on any device, by the op path dispatch.py picks: the kernel, the polynomial exp, MLX's ops."""
     path = dispatch.op_path(x)
     if path == "mlx":
-        return nn.silu(x)
+        return mlx_silu(x)
     return native.silu_mul(x, None, _silu_in_streams) if path == "native" else _silu_in_streams(x)
 
 
@@ -113,7 +123,7 @@ def silu_mul(gate: mx.array, value: mx.array) -> mx.array:
     """SwiGLU's silu(gate) * value, on any device, chosen as `silu`."""
     path = dispatch.op_path(gate, value)
     if path == "mlx":
-        return nn.silu(gate) * value
+        return mlx_silu(gate) * value
     if path == "native" and gate.shape == value.shape:
         return native.silu_mul(gate, value, _silu_mul_in_streams)
     return _silu_mul_in_streams(gate, value)

@@ -23,7 +23,8 @@ from ..schedulers import FlowMatchEulerScheduler
 @dataclass
 class Schedule:
     sigmas: np.ndarray  # steps + 1 float32 sigmas, ending in 0
-    times: np.ndarray  # the transformer's time input at each step
+    times: np.ndarray  # the transformer's time at each step, in [0, 1] (TeaCache's timestep signal)
+    timesteps: np.ndarray  # the scheduler's float32 timesteps (sigma x 1000), which the pipelines round from
 
 
 class Denoiser(Protocol):
@@ -36,8 +37,8 @@ class Denoiser(Protocol):
     def unpack(self, x: mx.array) -> mx.array:
         """The inverse of `pack`."""
 
-    def forward(self, x: mx.array, t: float, contexts: tuple[str, ...], runner: BlockRunner) -> mx.array:
-        """The transformer's output for the batch of `contexts` (positive rows first)."""
+    def forward(self, x: mx.array, step: int, contexts: tuple[str, ...], runner: BlockRunner) -> mx.array:
+        """The transformer's output at `step` for the batch of `contexts` (positive rows first)."""
 
     def velocity(self, out: mx.array, contexts: tuple[str, ...], step: int) -> mx.array:
         """The float32 velocity of the Euler step from the output of `forward`."""
@@ -80,9 +81,8 @@ def denoise(denoiser: Denoiser, latents: mx.array, schedule: Schedule, scheduler
             if block is not None:
                 block.begin(i)
             contexts = denoiser.contexts(i)
-            t = schedule.times[i]
             # The cache holds each context's prediction; guidance is combined after it, every step.
-            out = step_forward(tea, i, t, contexts, lambda: denoiser.forward(x, t, contexts, runner))
+            out = step_forward(tea, i, schedule.times[i], contexts, lambda: denoiser.forward(x, i, contexts, runner))
             x = scheduler.step(denoiser.velocity(out, contexts, i), x, schedule.sigmas[i], schedule.sigmas[i + 1])
             # Cached arrays are evaluated with the step, so that none of them holds on to the step's graph.
             cached = [a for cache in (tea, block) if cache is not None for a in cache.arrays()]

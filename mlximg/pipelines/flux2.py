@@ -123,7 +123,8 @@ class Flux2Pipeline(Pipeline):
         height, width = run.latents.shape[2:]
         mu = compute_empirical_mu(height * width, run.steps)
         sigmas = self.scheduler.sigmas(run.steps, sigmas=np.linspace(1.0, 1.0 / run.steps, run.steps), mu=mu)
-        return Schedule(sigmas, (self.scheduler.timesteps(sigmas) / np.float32(1000)).astype(np.float32))
+        timesteps = self.scheduler.timesteps(sigmas)
+        return Schedule(sigmas, (timesteps / np.float32(1000)).astype(np.float32), timesteps)
 
     def denoiser(self, run: Run, schedule: Schedule) -> "Flux2Denoiser":
         embeddings, index = self.encode(run.prompts + (run.negative_prompts or []))
@@ -131,7 +132,8 @@ class Flux2Pipeline(Pipeline):
         references = run.options["references"]
         reference_tokens = self.encode_references(references) if references else None
         return Flux2Denoiser(self.component("transformer"), text, run.latents.shape, reference_tokens,
-                             run.guidance, run.negative_prompts is not None, self.guidance_embeds, self.dtype)
+                             schedule.timesteps, run.guidance, run.negative_prompts is not None, self.guidance_embeds,
+                             self.dtype)
 
     def family_parameters(self, run: Run) -> dict:
         return {"references": len(run.options["references"])}
@@ -141,9 +143,9 @@ class Flux2Denoiser:
     """FLUX.2's side of the loop: latents packed into tokens (reference tokens appended, sliced off again), the
     model gets sigma, its output is the velocity, and CFG (klein base) is neg + g (pos - neg)."""
 
-    def __init__(self, transformer, text: mx.array, shape: tuple[int, ...], references, guidance: float, cfg: bool,
-                 guidance_embeds: bool, dtype: mx.Dtype):
-        self.transformer, self.text, self.dtype = transformer, text, dtype
+    def __init__(self, transformer, text: mx.array, shape: tuple[int, ...], references, timesteps: np.ndarray,
+                 guidance: float, cfg: bool, guidance_embeds: bool, dtype: mx.Dtype):
+        self.transformer, self.text, self.timesteps, self.dtype = transformer, text, timesteps, dtype
         self.height, self.width = shape[2:]
         self.references = None if references is None else references[0]
         self.guidance, self.cfg, self.guidance_embeds = guidance, cfg, guidance_embeds
@@ -161,15 +163,18 @@ class Flux2Denoiser:
     def unpack(self, x: mx.array) -> mx.array:
         return unpack_latents(x, self.height, self.width)
 
-    def forward(self, x: mx.array, t: float, contexts: tuple[str, ...], runner) -> mx.array:
+    def forward(self, x: mx.array, step: int, contexts: tuple[str, ...], runner) -> mx.array:
         tokens = mx.concatenate([x, x]) if self.cfg else x
         if self.references is not None:
             references = mx.broadcast_to(self.references, (tokens.shape[0], *self.references.shape[1:]))
             tokens = mx.concatenate([tokens, references], axis=1)
         batch = tokens.shape[0]
         guidance = mx.full((batch,), self.guidance, dtype=mx.float32) if self.guidance_embeds else None
-        return self.transformer(tokens.astype(self.dtype), self.text, mx.full((batch,), t, dtype=mx.float32),
-                                guidance=guidance, rope=self.rope, runner=runner)
+        # As diffusers rounds it: the timestep in the latents' dtype, divided by 1000 there (the model multiplies
+        # by 1000 again in its dtype); sigma itself, rounded once, lands elsewhere in bfloat16 (764 for 768).
+        t = mx.full((batch,), self.timesteps[step], dtype=mx.float32).astype(self.dtype) / 1000
+        return self.transformer(tokens.astype(self.dtype), self.text, t, guidance=guidance, rope=self.rope,
+                                runner=runner)
 
     def velocity(self, out: mx.array, contexts: tuple[str, ...], step: int) -> mx.array:
         out = out[:, :self.height * self.width].astype(mx.float32)

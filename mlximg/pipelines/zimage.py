@@ -61,11 +61,13 @@ class ZImageDenoiser:
     def unpack(self, x: mx.array) -> mx.array:
         return x
 
-    def forward(self, x: mx.array, t: float, contexts: tuple[str, ...], runner) -> mx.array:
+    def forward(self, x: mx.array, step: int, contexts: tuple[str, ...], runner) -> mx.array:
         cfg = len(contexts) == 2
         latents = mx.concatenate([x, x]) if cfg else x
         grid = (x.shape[2] // 2, x.shape[3] // 2)
-        return self.transformer(latents.astype(self.dtype), mx.full((latents.shape[0],), t, dtype=mx.float32),
+        # diffusers' time stays float32 here: (1000 - t) / 1000 of the float32 timestep.
+        t = mx.full((latents.shape[0],), self.times[step], dtype=mx.float32)
+        return self.transformer(latents.astype(self.dtype), t,
                                 conditioning=self.conditioning(cfg, grid), runner=runner)
 
     def velocity(self, out: mx.array, contexts: tuple[str, ...], step: int) -> mx.array:
@@ -130,7 +132,8 @@ class ZImagePipeline(Pipeline):
                              cfg.base_shift, cfg.max_shift)
         sigmas = self.scheduler.sigmas(run.steps, sigmas=np.linspace(1.0, 1.0 / run.steps, run.steps), mu=mu)
         # The transformer's time runs the other way: t = 1 - sigma, from the scheduler's float32 timesteps.
-        return Schedule(sigmas, (np.float32(1000) - self.scheduler.timesteps(sigmas)) / np.float32(1000))
+        timesteps = self.scheduler.timesteps(sigmas)
+        return Schedule(sigmas, (np.float32(1000) - timesteps) / np.float32(1000), timesteps)
 
     def denoiser(self, run: Run, schedule: Schedule) -> ZImageDenoiser:
         embeddings, index = self.encode(run.prompts + (run.negative_prompts or []))
