@@ -5,4 +5,5 @@ __version__ = "0.1.0"
 
 from . import runtime  # noqa: E402, I001
 from .api import generate, load  # noqa: E402
-__all__ = ["generate", "load", "runtime", "__version__"]
+from .lora import LoRA  # noqa: E402
+__all__ = ["LoRA", "generate", "load", "runtime", "__version__"]

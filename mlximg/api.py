@@ -37,7 +37,8 @@ def load(model: str = DEFAULT_MODEL, *, dtype=None, **pipeline_options):
     """A pipeline for `model`: a manifest name (models/*.json), a local diffusers folder or a Hugging Face repo id.
 
     Only configs are read here; weights load on first use. Pipeline options: keep_text_encoder, quantize="fp8"
-    (quantize the transformer at load), fp8="matmul" | "dequantize" (the FP8 execution path).
+    (quantize the transformer at load), fp8="matmul" | "dequantize" (the FP8 execution path), loras=[...] (LoRA
+    adapters: paths, (path, scale) pairs or mlximg.LoRA; see Pipeline.set_loras).
     """
     manifest = resolve(model)
     folder = manifest.path or resolve_model(manifest.repo, manifest.components or None, manifest.download_gb)
@@ -51,7 +52,7 @@ def generate(prompt, *, model: str = DEFAULT_MODEL, quantize: str | None = None,
              **settings):
     """A PIL image for `prompt` (or a list of them, see Pipeline.generate). Unset steps / guidance / size come
     from the model's manifest. Settings: width, height, steps, guidance, negative_prompt, seed (one, or one per
-    image: s gives s, s + 1, ...), num_images, latents, callback(step, steps, latents), teacache, stepcache, and
+    image: s gives s, s + 1, ...), num_images, latents, callback(step, steps, latents), teacache, stepcache, loras, and
     the family's own (Z-Image: cfg_truncation, cfg_normalization, tiled_decode; FLUX.2: image).
 
     `quantize="fp8"` quantizes the transformer at load; `fp8` picks the FP8 execution path (matmul / dequantize).

@@ -48,9 +48,13 @@ def preview_writer(pipeline, folder: Path, seeds: list[int]):
 
 def _generate(args: argparse.Namespace) -> int:
     import secrets
+    from dataclasses import replace
 
     from .api import check_arguments, load
+    from .lora import parse_cli_lora
+    from .lora.source import locate
     from .output import check_output_path, save_image
+    from .pipelines.init_image import open_init_image
 
     start = time.perf_counter()
     # Seeds are fixed here, so that every file name is known and checked before any work.
@@ -71,9 +75,16 @@ def _generate(args: argparse.Namespace) -> int:
     # Model-specific options go through only when given, so each pipeline sees the ones it has.
     options = {name: value for name, value in (
         ("cfg_truncation", args.cfg_truncation), ("cfg_normalization", args.cfg_normalization),
-        ("tiled_decode", args.tiled_decode or None), ("image", args.image),
+        ("tiled_decode", args.tiled_decode or None), ("image", args.image), ("init_image", args.init_image),
+        ("mask", args.mask), ("strength", args.strength),
     ) if value is not None}
-    pipeline = load(args.model, quantize=args.quantize, fp8=args.fp8)
+    open_init_image(args.init_image, args.mask, args.strength)  # a missing file or a bad mask, before any loading
+    loras = [replace(parse_cli_lora(text), skip_text_encoder=args.lora_skip_text_encoder) for text in args.lora]
+    for lora in loras:  # a missing file is named before anything loads
+        locate(lora.path)
+    pipeline = load(args.model, quantize=args.quantize, fp8=args.fp8, loras=loras)
+    for adapter in pipeline.adapters.report():
+        print(f"lora {adapter['name']}: scale {adapter['scale']:g}, {adapter['layers']} layers")
     callback = preview_writer(pipeline, args.stepwise, seeds) if args.stepwise is not None else None
     images = pipeline.generate(
         args.prompt, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
@@ -124,6 +135,10 @@ def _add_generate(commands) -> None:
     p.add_argument("--seed", type=int, nargs="+",
                    help="one seed (several images get seed, seed + 1, ...), or one per image")
     p.add_argument("--num-images", type=int, help="how many images, as one batch (files named by seed)")
+    p.add_argument("--init-image", type=Path, help="start from this picture (image to image; with --mask, inpainting)")
+    p.add_argument("--strength", type=float,
+                   help="how much of the schedule runs from --init-image, in (0, 1] (default 0.6; 1.0 with --mask)")
+    p.add_argument("--mask", type=Path, help="with --init-image: repaint where this mask is white, keep the rest")
     p.add_argument("--image", action="append", type=Path,
                    help="a reference image to edit from (FLUX.2; repeat for several)")
     p.add_argument("--cfg-truncation", type=float, help="Z-Image: switch guidance off once t exceeds this")
@@ -137,6 +152,10 @@ def _add_generate(commands) -> None:
     p.add_argument("--stepcache", action="store_true",
                    help="reuse the middle blocks' residual between refresh steps (DeepCache-style)")
     p.add_argument("--stepcache-interval", type=int, help="StepCache refresh interval in steps; implies --stepcache")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA / LoKr adapter: a .safetensors file, a folder or owner/repo[/file]; repeat for several")
+    p.add_argument("--lora-skip-text-encoder", action="store_true",
+                   help="apply LoRA files that also adapt the text encoder, without those tensors")
     p.add_argument("--quantize", choices=["fp8"], help="quantize the transformer to FP8 (mxfp8) at load")
     p.add_argument("--fp8", choices=["matmul", "dequantize"],
                    help="FP8 execution path (default: MLXIMG_FP8, else matmul on GPU, dequantize on CPU)")

@@ -20,7 +20,10 @@ PACKAGE = Path(__file__).resolve().parent
 MODELS_DIR = Path(os.environ.get("MLXIMG_MODELS_DIR") or (
     PACKAGE / "model_data" if (PACKAGE / "model_data").is_dir() else PACKAGE.parent / "models"))
 # diffusers pipeline class -> our family.
-FAMILIES = {"ZImagePipeline": "zimage", "Flux2KleinPipeline": "flux2", "Flux2Pipeline": "flux2"}
+# diffusers pipeline classes a model_index.json may name (a folder saved from any of them loads).
+FAMILIES = {"ZImagePipeline": "zimage", "ZImageImg2ImgPipeline": "zimage", "ZImageInpaintPipeline": "zimage",
+            "Flux2KleinPipeline": "flux2", "Flux2KleinInpaintPipeline": "flux2", "Flux2KleinKVPipeline": "flux2",
+            "Flux2Pipeline": "flux2"}
 # Without a manifest: the diffusers pipelines' own defaults.
 FAMILY_DEFAULTS = {
     "zimage": {"steps": 50, "guidance": 5.0, "width": 1024, "height": 1024},

@@ -16,8 +16,9 @@ import numpy as np
 from ..cache.runner import BlockRunner
 from ..configs import at_least, check_fields, from_dict
 from ..loading import load_component
-from ..quant.options import FP8Options
 from ..nn import RMSNorm, attention, layer_norm, norm_rope_heads, rope_tables, silu, silu_mul, timestep_embedding
+from ..quant.options import FP8Options
+from .flux2_kv import LayerKV, ReferenceKV
 
 TIME_SCALE = 1000.0  # the model gets sigma (and the guidance scale) and embeds them x1000
 FLOAT16_MAX = 65504.0
@@ -74,10 +75,12 @@ def _heads(x: mx.array, head_dim: int) -> mx.array:
     return x.reshape(*x.shape[:-1], -1, head_dim)
 
 
-def _attend(q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.array], norms=(None, None)) -> mx.array:
-    """(B, N, heads, head_dim) each -> (B, N, heads * head_dim); `norms` (QK RMSNorms, or None) and RoPE on q and k."""
+def _attend(q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.array], norms=(None, None),
+            kv: LayerKV | None = None) -> mx.array:
+    """(B, N, heads, head_dim) each -> (B, N, heads * head_dim); `norms` (QK RMSNorms, or None) and RoPE on q and k;
+    `kv`: the block's reference keys and values (KV models), which then does the attending."""
     q, k = (norm_rope_heads(a, norm, *rope) for a, norm in zip((q, k), norms))
-    return attention(q, k, v.transpose(0, 2, 1, 3))
+    return (kv.attend if kv is not None else attention)(q, k, v.transpose(0, 2, 1, 3))
 
 
 def _modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
@@ -122,13 +125,13 @@ class JointAttention(nn.Module):
         self.norm_added_k = RMSNorm(head_dim, eps=eps)
         self.to_add_out = nn.Linear(dim, dim, bias=False)
 
-    def __call__(self, img: mx.array, txt: mx.array, rope) -> tuple[mx.array, mx.array]:
+    def __call__(self, img: mx.array, txt: mx.array, rope, kv=None) -> tuple[mx.array, mx.array]:
         d = self.head_dim
         txt_q, txt_k, txt_v = (_heads(proj(txt), d) for proj in (self.add_q_proj, self.add_k_proj, self.add_v_proj))
         img_q, img_k, img_v = (_heads(proj(img), d) for proj in (self.to_q, self.to_k, self.to_v))
         q = mx.concatenate([self.norm_added_q(txt_q), self.norm_q(img_q)], axis=1)
         k = mx.concatenate([self.norm_added_k(txt_k), self.norm_k(img_k)], axis=1)
-        out = _attend(q, k, mx.concatenate([txt_v, img_v], axis=1), rope)
+        out = _attend(q, k, mx.concatenate([txt_v, img_v], axis=1), rope, kv=kv)
         n_txt = txt.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
@@ -144,11 +147,11 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim, args.mlp_hidden_dim)
         self.ff_context = FeedForward(dim, args.mlp_hidden_dim)
 
-    def __call__(self, img: mx.array, txt: mx.array, mod_img, mod_txt, rope) -> tuple[mx.array, mx.array]:
+    def __call__(self, img: mx.array, txt: mx.array, mod_img, mod_txt, rope, kv=None) -> tuple[mx.array, mx.array]:
         (shift, scale, gate), (shift_ff, scale_ff, gate_ff) = mod_img
         (c_shift, c_scale, c_gate), (c_shift_ff, c_scale_ff, c_gate_ff) = mod_txt
         img_attn, txt_attn = self.attn(
-            _modulate(img, shift, scale, self.eps), _modulate(txt, c_shift, c_scale, self.eps), rope)
+            _modulate(img, shift, scale, self.eps), _modulate(txt, c_shift, c_scale, self.eps), rope, kv)
         img = img + gate * img_attn
         img = img + gate_ff * self.ff(_modulate(img, shift_ff, scale_ff, self.eps))
         txt = txt + c_gate * txt_attn
@@ -168,10 +171,10 @@ class ParallelAttention(nn.Module):
         self.norm_k = RMSNorm(head_dim, eps=eps)
         self.to_out = nn.Linear(dim + mlp_hidden, dim, bias=False)
 
-    def __call__(self, x: mx.array, rope) -> mx.array:
+    def __call__(self, x: mx.array, rope, kv=None) -> mx.array:
         q, k, v, gate, value = mx.split(self.to_qkv_mlp_proj(x), self.splits, axis=-1)
         d = self.head_dim
-        out = _attend(_heads(q, d), _heads(k, d), _heads(v, d), rope, (self.norm_q, self.norm_k))
+        out = _attend(_heads(q, d), _heads(k, d), _heads(v, d), rope, (self.norm_q, self.norm_k), kv)
         return self.to_out(mx.concatenate([out, silu_mul(gate, value)], axis=-1))
 
 
@@ -183,9 +186,9 @@ class SingleTransformerBlock(nn.Module):
         self.eps = args.eps
         self.attn = ParallelAttention(args.inner_dim, args.attention_head_dim, args.mlp_hidden_dim, args.eps)
 
-    def __call__(self, x: mx.array, mod, rope) -> mx.array:
+    def __call__(self, x: mx.array, mod, rope, kv=None) -> mx.array:
         shift, scale, gate = mod
-        return _clip_float16(x + gate * self.attn(_modulate(x, shift, scale, self.eps), rope))
+        return _clip_float16(x + gate * self.attn(_modulate(x, shift, scale, self.eps), rope, kv))
 
 
 class TimestepEmbedding(nn.Module):
@@ -305,19 +308,23 @@ class Flux2Transformer(nn.Module):
             guidance = mx.broadcast_to(mx.array(guidance), (batch,)).astype(dtype) * TIME_SCALE
         return self.time_guidance_embed(t, guidance)
 
-    def blocks(self, img: mx.array, txt: mx.array, modulation, rope, runner: BlockRunner) -> mx.array:
+    def blocks(self, img: mx.array, txt: mx.array, modulation, rope, runner: BlockRunner,
+               references: ReferenceKV | None = None) -> mx.array:
         """Double-stream blocks over (image, text), then single-stream blocks over [text, image]; the image part."""
         mod_img, mod_txt, mod_single = modulation
+        kv = references.layer if references is not None else lambda block: None
         img, txt = runner.stack("transformer_blocks", self.transformer_blocks, (img, txt),
-                                lambda block, h: block(*h, mod_img, mod_txt, rope), record=lambda h: h[::-1])
+                                lambda block, h: block(*h, mod_img, mod_txt, rope, kv(block)),
+                                record=lambda h: h[::-1])
         h = mx.concatenate([txt, img], axis=1)
         h = runner.stack("single_transformer_blocks", self.single_transformer_blocks, h,
-                         lambda block, h: block(h, mod_single, rope))
+                         lambda block, h: block(h, mod_single, rope, kv(block)))
         return h[:, txt.shape[1]:]
 
     def __call__(
         self, x: mx.array, text: mx.array, t, img_ids=None, txt_ids=None, guidance=None, *,
         rope: tuple[mx.array, mx.array] | None = None, capture: list | None = None, runner: BlockRunner | None = None,
+        references: ReferenceKV | None = None,
     ) -> mx.array:
         """x (B, N_img, in_channels) packed latent tokens (reference-image tokens appended after them), text
         (B, N_txt, joint_attention_dim), t: sigma in [0, 1], scalar or (B,); guidance: the embedded guidance
@@ -325,7 +332,9 @@ class Flux2Transformer(nn.Module):
         (from `self.rope`). Returns (B, N_img, patch^2 * out_channels) in the model's dtype: the velocity
         for every image token (slice off the reference tokens). `runner` (cache/runner.py) runs the blocks: the
         caches reach the model through it; `capture`, if a list, receives (block name, output) after every block,
-        for parity tests.
+        for parity tests. `references` (KV models): the reference tokens' kept keys and values; while it is
+        extracting, x holds its reference tokens *before* the image tokens, and only the image tokens' output
+        is returned.
         """
         runner = runner or BlockRunner(capture=capture)
         dtype = self.dtype
@@ -342,10 +351,27 @@ class Flux2Transformer(nn.Module):
         temb = self.conditioning(t, guidance, batch, dtype)
         modulation = (self.double_stream_modulation_img(temb), self.double_stream_modulation_txt(temb),
                       self.single_stream_modulation(temb)[0])
+        extracting = references is not None and references.extracting
+        if extracting:
+            modulation = self.reference_modulation(modulation, references, guidance, batch, n_txt, n_img)
+        if references is not None:
+            references.text_tokens = n_txt
         img, txt = self.x_embedder(x), self.context_embedder(text)
         img = runner.body(img, lambda: self.modulated_input(img, modulation[0], modulation[2]),
-                          lambda img: self.blocks(img, txt, modulation, rope, runner))
+                          lambda img: self.blocks(img, txt, modulation, rope, runner, references))
+        if extracting:
+            img, references.extracting = img[:, references.count:], False
         return self.proj_out(self.norm_out(img, temb))
+
+    def reference_modulation(self, modulation, references: ReferenceKV, guidance, batch: int, n_txt: int,
+                             n_img: int):
+        """The first KV step's modulations: the reference tokens' rows modulated at t = 0."""
+        mod_img, mod_txt, mod_single = modulation
+        temb = self.conditioning(0.0, guidance, batch, self.dtype)
+        mod_img, mod_single = references.modulation(
+            mod_img, mod_single, self.double_stream_modulation_img(temb), self.single_stream_modulation(temb)[0],
+            n_txt, n_img)
+        return mod_img, mod_txt, mod_single
 
     def modulated_input(self, img: mx.array, mod_img, mod_single) -> mx.array:
         """The first block's modulated image input: TeaCache's signal of how much this step's input changed."""

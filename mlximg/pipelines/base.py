@@ -18,10 +18,12 @@ from ..cache import resolve_stepcache, resolve_teacache
 from ..cache.stepcache import StepCacheConfig
 from ..cache.teacache import TeaCacheConfig
 from ..loading import check_json_files, component_dir, read_config, read_json_object
+from ..lora import Adapters, as_lora
 from ..quant.options import FP8Options
 from ..runtime import PhaseLog, Tracker, compute_dtype
 from ..schedulers import FlowMatchEulerScheduler
 from .denoise import Denoiser, Schedule, StepState, denoise
+from .init_image import InitImage, Inpaint, init_pixels, mask_pixels, nearest, noised, open_init_image, start_step, truncated
 from .inputs import check_prompts, initial_noise, negative_batch, prompt_batch, resolve_arguments, seed_batch, to_image
 from .limits import check_memory, estimate_peak_memory, size_limits
 
@@ -57,18 +59,22 @@ class Run:
     options: dict = field(default_factory=dict)  # the family's own, validated
     several: bool = False  # the caller asked for a list of images
     progress: bool = False
+    init: InitImage | None = None  # image to image / inpainting
+    init_latents: mx.array | None = None  # the init image, VAE-encoded (1, C, h, w), once the run encodes it
 
 
 class Pipeline:
     components = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
     family = ""  # as manifests name it
     transformer_class = ""  # the diffusers class transformer/config.json must name
+    mask_resampling = staticmethod(nearest)  # how the family's diffusers pipeline shrinks a mask to the latents
 
     def __init__(self, model_dir: Path, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False,
-                 quantize: str | None = None, fp8: str | None = None, teacache_defaults: dict | None = None):
+                 quantize: str | None = None, fp8: str | None = None, teacache_defaults: dict | None = None,
+                 loras=None):
         """`quantize="fp8"`: quantize the transformer at load (per the FP8 policy); `fp8`: the FP8 execution path,
         "matmul" or "dequantize" (default: MLXIMG_FP8, else by backend); `teacache_defaults`: the manifest's
-        "teacache" entry, what `generate(teacache=True)` uses."""
+        "teacache" entry, what `generate(teacache=True)` uses; `loras`: adapters to apply (see `set_loras`)."""
         self.model_dir = Path(model_dir)
         for name in self.components:  # fail now, not after minutes of work
             component_dir(self.model_dir, name)
@@ -91,6 +97,9 @@ class Pipeline:
         # done. Two pipelines run side by side freely.
         self.lock = threading.RLock()
         self.check_components()
+        self.adapters = Adapters(self.tracker)
+        if loras:
+            self.set_loras(loras)
 
     # -- components ------------------------------------------------------------------------------------------
 
@@ -125,6 +134,16 @@ class Pipeline:
         del self.loaded[name]
         return self.tracker.release(name)
 
+    def set_loras(self, loras) -> list[dict]:
+        """Apply exactly these adapters to the transformer from now on: each a path (a .safetensors file, a folder
+        or "owner/repo[/file.safetensors]"), a (path, scale) pair or a mlximg.LoRA; [] takes them all off. A
+        file is read and checked against the model here, before any generation; changing only scales reloads
+        nothing. Returns each adapter's name, scale and how many layers it touches."""
+        with self.lock:
+            specs = [as_lora(lora) for lora in loras]
+            self.adapters.set(specs, self.component("transformer"), self.family, self.dtype)
+            return self.adapters.report()
+
     # -- a run -----------------------------------------------------------------------------------------------
 
     def generate(self, prompt, *, callback: Callable[[int, int, mx.array], None] | None = None, **settings):
@@ -133,6 +152,7 @@ class Pipeline:
         forwards ran. `callback(step, steps, latents)` is called after each step with the latents (B, C, h, w)
         in diffusers' layout. The settings are those of `steps`."""
         with self.lock:
+            self._take_loras(settings)
             run = self.prepare(prompt, **settings)
             final = None
             for final in self.run_steps(run):
@@ -149,15 +169,30 @@ class Pipeline:
         width, height, steps, guidance, negative_prompt, seed (one, or one per image), latents, num_images,
         progress, teacache, stepcache, and the family's own. Iterate it in the thread that made it."""
         with self.lock:
+            self._take_loras(settings)
             yield from self.run_steps(self.prepare(prompt, **settings))
+
+    def _take_loras(self, settings: dict) -> None:
+        """`loras=` in a call sets the adapters for it and the calls after it (as `set_loras`)."""
+        if settings.get("loras") is not None:
+            self.set_loras(settings.pop("loras"))
+        settings.pop("loras", None)
 
     def prepare(self, prompt, *, width=None, height=None, steps=None, guidance=None, negative_prompt=None,
                 seed=None, latents=None, num_images=None, progress: bool = False, teacache=None, stepcache=None,
-                **options) -> Run:
-        """Validate a call's settings (cheap: before any model work) into a Run."""
-        options, width, height = self.prepare_options(options, width, height)
+                init_image=None, mask=None, strength=None, **options) -> Run:
+        """Validate a call's settings (cheap: before any model work) into a Run. `init_image` (a PIL image, path
+        or array) starts from that picture, `strength` in (0, 1] saying how much of the schedule runs (default
+        0.6; 1.0 with a mask); `mask` (white = repaint) keeps the rest of it. Unset, the size is the init
+        image's."""
+        init = open_init_image(init_image, mask, strength)
+        if init is not None:
+            init, width, height = self.prepare_init(init, width, height)
+        options, width, height = self.prepare_options(options, width, height, init)
         width, height, steps, guidance = resolve_arguments(self.defaults, width, height, steps, guidance,
                                                            self.limits)
+        if init is not None:
+            start_step(steps, init.strength)
         if isinstance(seed, (list, tuple)) and num_images is None and isinstance(prompt, str):
             num_images = len(seed)
         prompts = prompt_batch(prompt, num_images)
@@ -167,20 +202,45 @@ class Pipeline:
         seeds = seed_batch(seed, len(prompts))
         self.check_memory(width, height, len(prompts) * (2 if cfg else 1), options)
         noise, seeds = initial_noise(self.latent_shape(len(prompts), width, height), seeds, latents)
-        return Run(prompts, negatives, seeds, width, height, steps, guidance, noise,
-                   resolve_teacache(teacache, self.teacache_defaults), resolve_stepcache(stepcache), options,
-                   several=not isinstance(prompt, str) or num_images is not None or isinstance(seed, (list, tuple)),
-                   progress=progress)
+        run = Run(prompts, negatives, seeds, width, height, steps, guidance, noise,
+                  resolve_teacache(teacache, self.teacache_defaults), resolve_stepcache(stepcache), options,
+                  several=not isinstance(prompt, str) or num_images is not None or isinstance(seed, (list, tuple)),
+                  progress=progress, init=init)
+        self.check_run(run)
+        return run
 
     def run_steps(self, run: Run) -> Iterator[StepState]:
-        """Encode, then the shared denoising loop with this family's Denoiser."""
+        """Encode, then the shared denoising loop with this family's Denoiser; from an init image, the schedule
+        shortened by the strength, starting from the image noised to its first sigma."""
         self.phases.clear()
         schedule = self.schedule(run)
+        if run.init is not None:
+            schedule = truncated(schedule, run.init.strength)
+            run.init_latents = self.encode_init(run)
         denoiser = self.denoiser(run, schedule)
+        latents, inpaint = run.latents, None
+        if run.init is not None:
+            latents = noised(run.init_latents, run.latents, schedule.sigmas[0])
+            if run.init.mask is not None:
+                inpaint = Inpaint(denoiser.pack(run.init_latents), denoiser.pack(run.latents),
+                                  denoiser.pack(self.mask_latents(run)))
         with self.phases.phase("denoise"):
-            yield from denoise(denoiser, run.latents, schedule, self.scheduler, self.tracker,
+            yield from denoise(denoiser, latents, schedule, self.scheduler, self.tracker,
                                teacache=run.teacache, stepcache=run.stepcache, check=self.check_finite,
-                               progress=run.progress)
+                               progress=run.progress, inpaint=inpaint)
+
+    def encode_init(self, run: Run) -> mx.array:
+        """The init image in the transformer's latent space, (1, C, h, w) float32."""
+        with self.phases.phase("init image"):
+            pixels = init_pixels(run.init.image, run.width, run.height)
+            latents = self.component("vae").encode_image(pixels.astype(self.dtype))
+            return self.tracker.eval(latents.astype(mx.float32))
+
+    def mask_latents(self, run: Run) -> mx.array:
+        """The mask at the latents' size, (1, 1, h, w), 1 = repaint."""
+        height, width = run.latents.shape[2:]
+        mask = self.mask_resampling(mask_pixels(run.init.mask, run.width, run.height), height, width)
+        return mx.array(mask)[None, None]
 
     def encode(self, prompts: list[str]):
         """Embeddings of each distinct prompt, evaluated, and for each of `prompts` the index of its embedding;
@@ -223,16 +283,29 @@ class Pipeline:
 
     def parameters(self, run: Run, index: int, report: dict) -> dict:
         """Image `index`'s settings for its metadata: no timings, so that the same settings give the same file."""
+        start = {} if run.init is None else {"strength": run.init.strength, "mask": run.init.mask is not None}
         return {"prompt": run.prompts[index],
                 "negative_prompt": run.negative_prompts[index] if run.negative_prompts else "",
                 "model": self.model_dir.name, "width": run.width, "height": run.height, "steps": run.steps,
-                "guidance": run.guidance, "seed": run.seeds[index], **self.family_parameters(run), **report}
+                "guidance": run.guidance, "seed": run.seeds[index], **start, **self.family_parameters(run),
+                **({"loras": self.adapters.report()} if self.adapters.active else {}), **report}
 
     # -- what a family supplies ------------------------------------------------------------------------------
 
-    def prepare_options(self, options: dict, width, height) -> tuple[dict, int | None, int | None]:
+    def prepare_init(self, init: InitImage, width, height) -> tuple[InitImage, int, int]:
+        """The size from an init image where it is unset: its own, rounded down to the size multiple."""
+        multiple = self.size_multiple
+        width = width if width is not None else max(init.image.width // multiple * multiple, multiple)
+        height = height if height is not None else max(init.image.height // multiple * multiple, multiple)
+        return init, width, height
+
+    def prepare_options(self, options: dict, width, height,
+                        init: InitImage | None = None) -> tuple[dict, int | None, int | None]:
         """The family's own generate() options, validated; may pick the size (FLUX.2: from the references)."""
         raise NotImplementedError
+
+    def check_run(self, run: Run) -> None:
+        """Refuse combinations of settings the family cannot run (cheap: before any model work)."""
 
     def uses_cfg(self, guidance: float, options: dict) -> bool:
         raise NotImplementedError

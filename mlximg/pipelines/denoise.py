@@ -4,7 +4,8 @@ scheduler's steps and yields each step's state; the caller shows it, previews it
 A family supplies a Denoiser: how its transformer runs for a batch at one step, and how the output becomes a
 velocity (sign, time convention, guidance) in the layout it denoises in. The loop owns what they share: the
 caches (TeaCache may skip a forward; both reach the model through one BlockRunner), classifier-free guidance
-contexts, one evaluation per step, the check that the latents stay finite, and the progress bar.
+contexts, inpainting's blend after each step, one evaluation per step, the check that the latents stay finite,
+and the progress bar.
 """
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from ..cache import StepCacheConfig, TeaCacheConfig, step_forward
 from ..cache.runner import BlockRunner
 from ..runtime import Tracker
 from ..schedulers import FlowMatchEulerScheduler
+from .init_image import Inpaint
 
 
 @dataclass
@@ -66,11 +68,12 @@ def _report(steps_done: int, teacache, stepcache) -> dict:
 
 def denoise(denoiser: Denoiser, latents: mx.array, schedule: Schedule, scheduler: FlowMatchEulerScheduler,
             tracker: Tracker, *, teacache: TeaCacheConfig | None = None, stepcache: StepCacheConfig | None = None,
-            check: Callable[[mx.array, int, int], None] | None = None,
-            progress: bool = False) -> Iterator[StepState]:
+            check: Callable[[mx.array, int, int], None] | None = None, progress: bool = False,
+            inpaint: Inpaint | None = None) -> Iterator[StepState]:
     """Denoise `latents` (NCHW, float32) along `schedule`, yielding a StepState after each step. `check(x, step,
-    steps)` may raise to end the run (the pipelines stop at non-finite latents). The caches are this run's, kept
-    through `tracker` and released when the loop ends, however it ends."""
+    steps)` may raise to end the run (the pipelines stop at non-finite latents); `inpaint` (in the Denoiser's
+    layout) puts back what the mask keeps after each step. The caches are this run's, kept through `tracker`
+    and released when the loop ends, however it ends."""
     steps = len(schedule.times)
     tea = teacache.start(steps, tracker) if teacache is not None else None
     block = stepcache.start(tracker) if stepcache is not None else None
@@ -84,6 +87,8 @@ def denoise(denoiser: Denoiser, latents: mx.array, schedule: Schedule, scheduler
             # The cache holds each context's prediction; guidance is combined after it, every step.
             out = step_forward(tea, i, schedule.times[i], contexts, lambda: denoiser.forward(x, i, contexts, runner))
             x = scheduler.step(denoiser.velocity(out, contexts, i), x, schedule.sigmas[i], schedule.sigmas[i + 1])
+            if inpaint is not None:
+                x = inpaint.blend(x, schedule.sigmas[i + 1])
             # Cached arrays are evaluated with the step, so that none of them holds on to the step's graph.
             cached = [a for cache in (tea, block) if cache is not None for a in cache.arrays()]
             tracker.eval(x, *cached)

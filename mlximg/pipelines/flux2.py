@@ -5,6 +5,7 @@ Latents are noise of shape (B, 128, H/16, W/16) (the VAE's 32 channels, 2x2-patc
 reference images are VAE-encoded the same way and appended to the image tokens at their own RoPE time offset.
 """
 
+import math
 import warnings
 from pathlib import Path
 
@@ -13,14 +14,17 @@ import numpy as np
 
 from ..loading import read_config, read_json_object
 from ..models.flux2 import load_flux2_transformer
+from ..models.flux2_kv import ReferenceKV
 from ..models.flux2_vae import load_flux2_vae, pack_latents, unpack_latents
 from ..models.mistral3_encoder import load_mistral3_encoder, load_mistral3_module, processor_chat_template
 from ..models.qwen3_encoder import FLUX2_KLEIN_HIDDEN_LAYERS, load_qwen3_encoder, load_text_encoder
 from ..schedulers import compute_empirical_mu
 from .base import Pipeline, Run
 from .denoise import Schedule
-from .references import load_references
+from .init_image import InitImage, bilinear, resized
+from .references import MAX_AREA, open_references, prepare_inpaint_references, prepare_reference
 
+KV_PIPELINE = "Flux2KleinKVPipeline"
 PIXELS_PER_TOKEN = 16
 REFERENCE_TIME_STEP = 10  # reference i sits at RoPE time 10 * (i + 1)
 # Black Forest Labs' documented limits: klein up to 4 references, dev a recommended maximum of 6.
@@ -40,9 +44,20 @@ def text_ids(length: int) -> np.ndarray:
     return ids
 
 
+def scaled_to_area(image, area: int = MAX_AREA):
+    """An image of more than `area` pixels scaled down to about that many (Lanczos), as diffusers' klein
+    pipelines do before rounding its size."""
+    width, height = image.size
+    if width * height <= area:
+        return image
+    scale = math.sqrt(area / (width * height))
+    return resized(image, int(width * scale), int(height * scale))
+
+
 class Flux2Pipeline(Pipeline):
     family = "flux2"
     transformer_class = "Flux2Transformer2DModel"
+    mask_resampling = staticmethod(bilinear)
 
     def __init__(self, model_dir, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False,
                  **options):
@@ -55,7 +70,10 @@ class Flux2Pipeline(Pipeline):
         self.guidance_embeds = bool(transformer_config.get("guidance_embeds", True))
         # Noise channels: the VAE's latent channels x a 2x2 patch (128 for the released models).
         self.latent_channels = int(transformer_config.get("in_channels", 128))
-        self.is_distilled = bool(read_json_object(self.model_dir / "model_index.json").get("is_distilled", False))
+        index = read_json_object(self.model_dir / "model_index.json")
+        # klein KV models (Flux2KleinKVPipeline) keep the references' keys and values; they are step-distilled.
+        self.kv = index.get("_class_name") == KV_PIPELINE
+        self.is_distilled = self.kv or bool(index.get("is_distilled", False))
         self.max_references = self.defaults.get("max_references", MAX_REFERENCES[self.encoder_type])
 
     def _load_text_encoder(self):
@@ -80,28 +98,51 @@ class Flux2Pipeline(Pipeline):
             return text_encoder.encode_flux2_dev(prompts)
         return text_encoder.encode_flux2_klein(prompts)
 
-    def encode_references(self, images: list[mx.array]) -> tuple[mx.array, np.ndarray]:
-        """VAE-encoded, normalised, packed reference tokens (1, N, 128) and their ids, each at its own time."""
-        with self.phases.phase("references"):
-            vae = self.component("vae")
-            tokens, ids = [], []
-            for index, image in enumerate(images):
-                latents = vae.encode_image(image.astype(self.dtype))
-                tokens.append(pack_latents(latents))
-                ids.append(grid_ids(latents.shape[2], latents.shape[3], REFERENCE_TIME_STEP * (index + 1)))
-            tokens = self.tracker.eval(mx.concatenate(tokens, axis=1))
-        return tokens, np.concatenate(ids)
+    def reference_tokens(self, run: Run) -> tuple[mx.array, np.ndarray] | None:
+        """The conditioning images' packed tokens (1, N, 128) and ids, each image at its own time: the init image
+        first where there is one (as klein inpainting conditions on it), then the references, VAE-encoded."""
+        latents = [run.init_latents] if run.init is not None else []
+        if run.options["references"]:
+            with self.phases.phase("references"):
+                vae = self.component("vae")
+                latents += [vae.encode_image(image.astype(self.dtype)) for image in run.options["references"]]
+                self.tracker.eval(latents)
+        if not latents:
+            return None
+        ids = [grid_ids(*latent.shape[2:], REFERENCE_TIME_STEP * (i + 1)) for i, latent in enumerate(latents)]
+        tokens = mx.concatenate([pack_latents(latent.astype(self.dtype)) for latent in latents], axis=1)
+        return self.tracker.eval(tokens), np.concatenate(ids)
 
-    def prepare_options(self, options: dict, width, height):
+    def prepare_init(self, init: InitImage, width, height):
+        """klein image to image and inpainting, as Flux2KleinInpaintPipeline: the init image scaled down to 1 Mpx,
+        its size rounded down to a multiple of 16 where none is given."""
+        if self.encoder_type != "qwen3" or self.kv:
+            model = "FLUX.2 [dev]" if self.encoder_type != "qwen3" else "a klein KV model"
+            raise ValueError(f"init_image / mask: {model} has no image-to-image or inpainting pipeline; edit with "
+                             "image= references instead")
+        init.image = scaled_to_area(init.image)
+        return super().prepare_init(init, width, height)
+
+    def prepare_options(self, options: dict, width, height, init: InitImage | None = None):
         """`image`: reference images to edit from (one or a list: PIL images, paths or arrays). Without an explicit
-        size, the first reference's (cropped) size is used, as diffusers does."""
+        size, the first reference's (cropped) size is used, as diffusers does. With an init image, the
+        references are prepared as klein inpainting prepares them."""
         if unknown := sorted(set(options) - {"image"}):
             raise TypeError(f"unexpected FLUX.2 options {unknown}")
         image = options.get("image")
-        references = load_references(image, self.max_references, self.size_multiple) if image is not None else []
+        opened = open_references(image, self.max_references) if image is not None else []
+        if init is not None and opened:
+            references = prepare_inpaint_references(opened, self.size_multiple)
+        else:
+            references = [prepare_reference(reference, self.size_multiple) for reference in opened]
         if references and width is None and height is None:
             height, width = references[0].shape[1:3]
         return {"references": references}, width, height
+
+    def check_run(self, run: Run) -> None:
+        if self.kv and run.options["references"] and (run.teacache or run.stepcache):
+            raise ValueError("TeaCache and StepCache do not run with a klein KV model's references: the first step "
+                             "runs the references, the others reuse their keys and values")
 
     def uses_cfg(self, guidance: float, options: dict | None = None) -> bool:
         """klein base: CFG above 1; klein distilled and dev (embedded guidance) never."""
@@ -129,11 +170,9 @@ class Flux2Pipeline(Pipeline):
     def denoiser(self, run: Run, schedule: Schedule) -> "Flux2Denoiser":
         embeddings, index = self.encode(run.prompts + (run.negative_prompts or []))
         text = embeddings[mx.array(index)] if index != list(range(len(embeddings))) else embeddings
-        references = run.options["references"]
-        reference_tokens = self.encode_references(references) if references else None
-        return Flux2Denoiser(self.component("transformer"), text, run.latents.shape, reference_tokens,
+        return Flux2Denoiser(self.component("transformer"), text, run.latents.shape, self.reference_tokens(run),
                              schedule.timesteps, run.guidance, run.negative_prompts is not None, self.guidance_embeds,
-                             self.dtype)
+                             self.dtype, kv=self.kv)
 
     def family_parameters(self, run: Run) -> dict:
         return {"references": len(run.options["references"])}
@@ -141,18 +180,32 @@ class Flux2Pipeline(Pipeline):
 
 class Flux2Denoiser:
     """FLUX.2's side of the loop: latents packed into tokens (reference tokens appended, sliced off again), the
-    model gets sigma, its output is the velocity, and CFG (klein base) is neg + g (pos - neg)."""
+    model gets sigma, its output is the velocity, and CFG (klein base) is neg + g (pos - neg). On a KV model the
+    references run once, placed before the image tokens, and their keys and values serve the later steps."""
 
     def __init__(self, transformer, text: mx.array, shape: tuple[int, ...], references, timesteps: np.ndarray,
-                 guidance: float, cfg: bool, guidance_embeds: bool, dtype: mx.Dtype):
+                 guidance: float, cfg: bool, guidance_embeds: bool, dtype: mx.Dtype, kv: bool = False):
         self.transformer, self.text, self.timesteps, self.dtype = transformer, text, timesteps, dtype
         self.height, self.width = shape[2:]
         self.references = None if references is None else references[0]
         self.guidance, self.cfg, self.guidance_embeds = guidance, cfg, guidance_embeds
-        image_ids = grid_ids(self.height, self.width)
-        if references is not None:
+        image_ids, txt_ids = grid_ids(self.height, self.width), text_ids(text.shape[1])
+        # Positions are fixed: the RoPE tables are made once per run.
+        self.kv = ReferenceKV(self.references.shape[1]) if kv and references is not None else None
+        if self.kv is not None:
+            self.rope_with_references = transformer.rope(np.concatenate([references[1], image_ids]), txt_ids)
+        elif references is not None:
             image_ids = np.concatenate([image_ids, references[1]])
-        self.rope = transformer.rope(image_ids, text_ids(text.shape[1]))  # positions are fixed: once per run
+        self.rope = transformer.rope(image_ids, txt_ids)
+
+    def tokens(self, x: mx.array) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """The transformer's image-stream tokens for latents `x`, and their RoPE tables."""
+        if self.references is None or (self.kv is not None and not self.kv.extracting):
+            return x, self.rope
+        references = mx.broadcast_to(self.references, (x.shape[0], *self.references.shape[1:]))
+        if self.kv is not None:
+            return mx.concatenate([references, x], axis=1), self.rope_with_references
+        return mx.concatenate([x, references], axis=1), self.rope
 
     def contexts(self, step: int) -> tuple[str, ...]:
         return ("positive", "negative") if self.cfg else ("positive",)
@@ -164,17 +217,18 @@ class Flux2Denoiser:
         return unpack_latents(x, self.height, self.width)
 
     def forward(self, x: mx.array, step: int, contexts: tuple[str, ...], runner) -> mx.array:
-        tokens = mx.concatenate([x, x]) if self.cfg else x
-        if self.references is not None:
-            references = mx.broadcast_to(self.references, (tokens.shape[0], *self.references.shape[1:]))
-            tokens = mx.concatenate([tokens, references], axis=1)
+        extracting = self.kv is not None and self.kv.extracting
+        tokens, rope = self.tokens(mx.concatenate([x, x]) if self.cfg else x)
         batch = tokens.shape[0]
         guidance = mx.full((batch,), self.guidance, dtype=mx.float32) if self.guidance_embeds else None
         # As diffusers rounds it: the timestep in the latents' dtype, divided by 1000 there (the model multiplies
         # by 1000 again in its dtype); sigma itself, rounded once, lands elsewhere in bfloat16 (764 for 768).
         t = mx.full((batch,), self.timesteps[step], dtype=mx.float32).astype(self.dtype) / 1000
-        return self.transformer(tokens.astype(self.dtype), self.text, t, guidance=guidance, rope=self.rope,
-                                runner=runner)
+        out = self.transformer(tokens.astype(self.dtype), self.text, t, guidance=guidance, rope=rope, runner=runner,
+                               references=self.kv)
+        if extracting:  # the kept keys and values must not hold on to the first step's graph
+            mx.eval(out, self.kv.arrays())
+        return out
 
     def velocity(self, out: mx.array, contexts: tuple[str, ...], step: int) -> mx.array:
         out = out[:, :self.height * self.width].astype(mx.float32)

@@ -31,11 +31,25 @@ def prepare_reference(image, multiple: int) -> mx.array:
         image = image.resize((int(width * scale), int(height * scale)), Image.Resampling.LANCZOS)
         width, height = image.size
     image = image.convert("RGB") if image.mode != "RGB" else image
-    crop_w, crop_h = width // multiple * multiple, height // multiple * multiple
-    left, top = (width - crop_w) // 2, (height - crop_h) // 2
-    image = image.crop((left, top, left + crop_w, top + crop_h))
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
-    return mx.array(pixels * 2 - 1)[None]
+    return _pixels(_center_crop(image, width // multiple * multiple, height // multiple * multiple))
+
+
+def _center_crop(image, width: int, height: int):
+    """Flux2ImageProcessor's crop: centred, black where the image is smaller."""
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def _pixels(image) -> mx.array:
+    return mx.array(np.asarray(image, dtype=np.float32) / 255.0 * 2 - 1)[None]
+
+
+def prepare_inpaint_references(images: list, multiple: int) -> list[mx.array]:
+    """References as diffusers' klein inpainting prepares them: the first as for editing, the others
+    centre-cropped to its size."""
+    first = prepare_reference(images[0], multiple)
+    height, width = first.shape[1:3]
+    return [first] + [_pixels(_center_crop(image, width, height).convert("RGB")) for image in images[1:]]
 
 
 def open_references(images, limit: int) -> list:

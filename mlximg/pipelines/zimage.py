@@ -97,7 +97,7 @@ class ZImagePipeline(Pipeline):
     def encode_prompts(self, text_encoder, prompts: list[str]) -> list[mx.array]:
         return text_encoder.encode_zimage(prompts)
 
-    def prepare_options(self, options: dict, width, height):
+    def prepare_options(self, options: dict, width, height, init=None):
         """cfg_truncation (switch guidance off once t passes it; above 1: never), cfg_normalization (cap the
         guided prediction's norm at this x the positive's; True means 1), tiled_decode."""
         known = {"cfg_truncation", "cfg_normalization", "tiled_decode", "image"}
