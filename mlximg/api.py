@@ -36,8 +36,9 @@ def check_arguments(model: str, *, width=None, height=None, steps=None, guidance
 def load(model: str = DEFAULT_MODEL, *, dtype=None, **pipeline_options):
     """A pipeline for `model`: a manifest name (models/*.json), a local diffusers folder or a Hugging Face repo id.
 
-    Only configs are read here; weights load on first use. Pipeline options: keep_text_encoder, quantize="fp8"
-    (quantize the transformer at load), fp8="matmul" | "dequantize" (the FP8 execution path), loras=[...] (LoRA
+    Only configs are read here; weights load on first use. Pipeline options: keep_text_encoder, quantize="fp8" |
+    "mxfp4" | "nvfp4" | "affine4" | "affine8" (quantize the transformer at load), text_encoder_quantize (the same
+    for the text encoder), fp8="matmul" | "dequantize" | "layerwise" (how quantized weights run), loras=[...] (LoRA
     adapters: paths, (path, scale) pairs or mlximg.LoRA; see Pipeline.set_loras).
     """
     manifest = resolve(model)
@@ -49,17 +50,19 @@ def load(model: str = DEFAULT_MODEL, *, dtype=None, **pipeline_options):
 
 
 def generate(prompt, *, model: str = DEFAULT_MODEL, quantize: str | None = None, fp8: str | None = None,
-             **settings):
+             text_encoder_quantize: str | None = None, **settings):
     """A PIL image for `prompt` (or a list of them, see Pipeline.generate). Unset steps / guidance / size come
     from the model's manifest. Settings: width, height, steps, guidance, negative_prompt, seed (one, or one per
     image: s gives s, s + 1, ...), num_images, latents, callback(step, steps, latents), teacache, stepcache, loras, and
     the family's own (Z-Image: cfg_truncation, cfg_normalization, tiled_decode; FLUX.2: image).
 
-    `quantize="fp8"` quantizes the transformer at load; `fp8` picks the FP8 execution path (matmul / dequantize).
+    `quantize="fp8"` (or mxfp4, nvfp4, affine4, affine8) quantizes the transformer at load, `text_encoder_quantize`
+    the text encoder; `fp8` picks how quantized weights run (matmul / dequantize / layerwise).
     `teacache=True` skips transformer forwards by the manifest's "teacache" settings (a dict overrides some, a
     TeaCacheConfig replaces them); `stepcache=True` (or a dict / StepCacheConfig) reuses middle blocks' residuals.
     image.info["parameters"]["forwards"] says how many forwards ran and were skipped.
     """
     check_arguments(model, **{k: settings.get(k) for k in ("width", "height", "steps", "guidance", "seed",
                                                            "num_images")})
-    return load(model, quantize=quantize, fp8=fp8).generate(prompt, **settings)
+    return load(model, quantize=quantize, fp8=fp8, text_encoder_quantize=text_encoder_quantize).generate(
+        prompt, **settings)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from . import __version__
 from .manifests import DEFAULT_MODEL
+from .quant.execution import PATHS
+from .quant.format import MODES, NAMES
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -82,7 +84,8 @@ def _generate(args: argparse.Namespace) -> int:
     loras = [replace(parse_cli_lora(text), skip_text_encoder=args.lora_skip_text_encoder) for text in args.lora]
     for lora in loras:  # a missing file is named before anything loads
         locate(lora.path)
-    pipeline = load(args.model, quantize=args.quantize, fp8=args.fp8, loras=loras)
+    pipeline = load(args.model, quantize=args.quantize, fp8=args.fp8, loras=loras,
+                    text_encoder_quantize=args.text_encoder_quantize)
     for adapter in pipeline.adapters.report():
         print(f"lora {adapter['name']}: scale {adapter['scale']:g}, {adapter['layers']} layers")
     callback = preview_writer(pipeline, args.stepwise, seeds) if args.stepwise is not None else None
@@ -156,9 +159,12 @@ def _add_generate(commands) -> None:
                    help="a LoRA / LoKr adapter: a .safetensors file, a folder or owner/repo[/file]; repeat for several")
     p.add_argument("--lora-skip-text-encoder", action="store_true",
                    help="apply LoRA files that also adapt the text encoder, without those tensors")
-    p.add_argument("--quantize", choices=["fp8"], help="quantize the transformer to FP8 (mxfp8) at load")
-    p.add_argument("--fp8", choices=["matmul", "dequantize"],
-                   help="FP8 execution path (default: MLXIMG_FP8, else matmul on GPU, dequantize on CPU)")
+    p.add_argument("--quantize", choices=list(NAMES), help="quantize the transformer at load (fp8 = mxfp8)")
+    p.add_argument("--text-encoder", choices=list(NAMES), dest="text_encoder_quantize", metavar="MODE",
+                   help=f"quantize the text encoder at load ({', '.join(NAMES)})")
+    p.add_argument("--fp8", choices=list(PATHS),
+                   help="how quantized weights run (default: MLXIMG_FP8, else matmul on GPU, dequantize on CPU; "
+                        "layerwise: kept quantized, dequantized per layer)")
     p.add_argument("--output", "-o", type=Path, default=Path("out.png"),
                    help="the image file: .png, .jpg or .webp (default out.png); several images: out-SEED.png, or "
                         "a {seed} in the name")
@@ -170,18 +176,26 @@ def _add_generate(commands) -> None:
 def _quantize(args: argparse.Namespace) -> int:
     from .quant.convert import convert
 
-    convert(args.src, args.dst, force=args.force, text_encoder=args.text_encoder)
+    from .quant.format import Quantization
+
+    convert(args.src, args.dst, force=args.force, quantization=Quantization.of(args.mode, args.bits),
+            text_encoder=True if args.text_encoder == "same" else args.text_encoder or False)
     return 0
 
 
 def _add_quantize(commands) -> None:
-    p = commands.add_parser("quantize", help="convert a model (name, diffusers folder or repo id) to FP8 (mxfp8)")
+    p = commands.add_parser("quantize", help="convert a model (name, diffusers folder or repo id) to FP8 (mxfp8), "
+                                             "4 or 8 bits")
     p.add_argument("src", help="a model name (models/*.json), a local diffusers folder or a Hugging Face repo id "
                                "(never modified)")
     p.add_argument("dst", type=Path, help="the output folder (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing DST that is an earlier model folder or empty (only after success)")
-    p.add_argument("--text-encoder", action="store_true", help="quantize the text encoder's decoder layers too")
+    p.add_argument("--mode", choices=list(MODES), default="mxfp8", help="the transformer's weight mode")
+    p.add_argument("--bits", type=int, help="affine: 4 or 8 (default 4); the other modes have their own")
+    p.add_argument("--text-encoder", nargs="?", const="same", choices=["same", *NAMES], metavar="MODE",
+                   help="quantize the text encoder's decoder layers too: in the transformer's mode, or in MODE "
+                        f"({', '.join(NAMES)})")
     p.set_defaults(run=_quantize)
 
 

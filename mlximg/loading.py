@@ -16,9 +16,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .quant.float8 import float8_keys, fold_float8
-from .quant.format import Quantization, check_quantized, dequantize_weights, quantize_weights
+from .quant.format import CONFIG_KEY, Quantization, check_quantized, dequantize_weights, quantize_weights
 from .quant.modules import quantize_structure
-from .quant.options import FP8Options
+from .quant.options import QuantOptions
 from .quant.policy import layer_policy
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -207,44 +207,47 @@ def read_weights(folder: Path) -> tuple[dict[str, mx.array], bool]:
 
 
 def load_quantizable(module: nn.Module, weights: dict[str, mx.array], config: dict, component: str, name: str,
-                     dtype: mx.Dtype | None = None, *, fp8: FP8Options | None = None) -> nn.Module:
-    """Strict load of float, FP8 (config "quantization") or folded float8 weights, FP8 as `fp8` says.
+                     dtype: mx.Dtype | None = None, *, fp8: QuantOptions | None = None) -> nn.Module:
+    """Strict load of float, quantized (config "quantization") or folded float8 weights, as `fp8` says.
 
-    FP8 runs on `fp8.execution` (matmul: QuantizedLinear; dequantize: float weights). A float checkpoint with
-    `fp8.quantize_at_load`, and folded float8 weights on the matmul path, are quantized to mxfp8 per the policy
-    from the checkpoint's own precision before any cast (one rounding, as `mlximg quantize`), then load as an
-    FP8 checkpoint does.
+    Quantized weights run on `fp8.execution` (matmul: QuantizedLinear; dequantize: float weights; layerwise:
+    quantized in memory, dequantized per call). A float checkpoint with `fp8.quantize`, and folded float8
+    weights on the matmul path, are quantized per the policy from the checkpoint's own precision before any cast
+    (one rounding, as `mlximg quantize`), then load as a quantized checkpoint does.
     """
-    fp8 = fp8 or FP8Options()  # made per call: the execution path may come from MLXIMG_FP8
+    fp8 = fp8 or QuantOptions()  # made per call: the execution path may come from MLXIMG_FP8
     policy = layer_policy(component, config)
     quantization = Quantization.from_config(config)
-    if quantization is None and (fp8.quantize_at_load or (fp8.float8_checkpoint and fp8.execution == "matmul")):
+    if quantization is None and fp8.quantize is not None:
+        quantization = fp8.quantize
+    elif quantization is None and fp8.float8_checkpoint and fp8.execution == "matmul":
         quantization = Quantization()
+    if quantization is not None and CONFIG_KEY not in config:
         weights = quantize_weights(weights, policy, quantization)
     if quantization is not None:
         layers = check_quantized(weights, quantization, policy, name)
         if fp8.execution == "dequantize":
             weights = dequantize_weights(weights, layers, quantization)
         else:
-            quantize_structure(module, layers, quantization)
+            quantize_structure(module, layers, quantization, layerwise=fp8.execution == "layerwise")
     return load_weights_strict(module, cast_floating(weights, dtype), name)
 
 
 def load_checkpoint(module: nn.Module, folder: Path, config: dict, component: str,
                     sanitize: Callable[[dict], dict] | None = None, dtype: mx.Dtype | None = None, *,
-                    fp8: FP8Options | None = None) -> nn.Module:
+                    fp8: QuantOptions | None = None) -> nn.Module:
     """Read a component folder's weights (lazily), `sanitize` their keys, and load them into `module` (see
     load_quantizable); whether they are third-party float8 is read from the safetensors headers."""
     weights, float8 = read_weights(folder)
     if sanitize is not None:
         weights = sanitize(weights)
     return load_quantizable(module, weights, config, component, f"{folder}", dtype,
-                            fp8=replace(fp8 or FP8Options(), float8_checkpoint=float8))
+                            fp8=replace(fp8 or QuantOptions(), float8_checkpoint=float8))
 
 
 def load_component(
     model_dir: Path, component: str, build: Callable[[dict], nn.Module],
-    sanitize: Callable[[dict], dict] | None = None, dtype: mx.Dtype | None = None, *, fp8: FP8Options | None = None,
+    sanitize: Callable[[dict], dict] | None = None, dtype: mx.Dtype | None = None, *, fp8: QuantOptions | None = None,
 ) -> nn.Module:
     """Build a component's module from its config.json and load its weights (lazily, cast to `dtype`); FP8 and
     float8 checkpoints load as `fp8` says (see load_quantizable)."""

@@ -19,7 +19,7 @@ from mlximg.models.zimage import load_zimage_transformer
 from mlximg.quant import layer_policy
 from mlximg.quant.convert import convert
 from mlximg.quant.format import METADATA_KEY
-from mlximg.quant.options import FP8Options
+from mlximg.quant.options import QuantOptions
 
 PROMPT = "a red fox in the snow"
 # FP8 vs float image, mean / max difference in levels of 255 (images have std ~80). Measured: klein 1.1 / 10;
@@ -171,7 +171,7 @@ def test_on_the_fly_quantization_equals_the_fp8_checkpoint(models):
     checkpoint = image_of(models / f"{family}-fp8", fp8="dequantize")
     for path in ("dequantize", "matmul"):
         assert np.abs(image_of(models / family, quantize="fp8", fp8=path) - checkpoint).max() <= 1
-    with pytest.raises(ValueError, match="unknown quantize mode 'int4'"):
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         mlximg.load(str(models / family), quantize="int4")
 
 
@@ -243,13 +243,13 @@ def test_third_party_float8_checkpoint(models, tmp_path):
     raw = mx.load(str(path))
     assert raw[next(iter(expected))].dtype == mx.uint8  # mx.load reads float8 as its bytes
 
-    transformer = load_zimage_transformer(folder, fp8=FP8Options(execution="dequantize"))
+    transformer = load_zimage_transformer(folder, fp8=QuantOptions(execution="dequantize"))
     weights = dict(tree_flatten(transformer.parameters()))
     for key, (_, scale) in expected.items():
         want = mx.from_fp8(raw[key], dtype=mx.float32) * mx.array(scale.numpy())
         assert mx.array_equal(weights[key], want), key
     # Requantized to mxfp8 for the matmul.
-    quantized = load_zimage_transformer(folder, fp8=FP8Options(execution="matmul"))
+    quantized = load_zimage_transformer(folder, fp8=QuantOptions(execution="matmul"))
     assert isinstance(quantized.layers[0].attention.to_q, nn.QuantizedLinear)
     image = image_of(folder)
     assert np.abs(image - image_of(models / "zimage")).mean() <= BOUNDS["zimage"][0]

@@ -25,7 +25,7 @@ from mlximg.models.zimage import load_zimage_transformer
 from mlximg.quant import convert as convert_module
 from mlximg.quant import destination
 from mlximg.quant.convert import convert
-from mlximg.quant.options import FP8Options
+from mlximg.quant.options import QuantOptions
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 quiet = lambda line: None  # noqa: E731
@@ -370,7 +370,7 @@ def test_too_little_free_space_is_refused_before_writing(source, tmp_path, monke
 
 def test_the_size_estimate_is_close(source, quantized):
     tree = convert_module.source_tree(source)
-    estimate = convert_module.estimate_size(source, tree, ("transformer",), convert_module.Quantization())
+    estimate = convert_module.estimate_size(source, tree, {"transformer": convert_module.Quantization()})
     assert abs(estimate / convert_module.folder_size(quantized) - 1) < 0.02
 
 
@@ -440,11 +440,15 @@ def broken_copy(quantized: Path, tmp_path: Path, config=None, edit=None) -> Path
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"mode": "affine", "bits": 8, "group_size": 32}, "unsupported quantization mode 'affine'"),
-    ({"mode": "nvfp4", "bits": 4, "group_size": 16}, "unsupported quantization mode 'nvfp4'"),
-    ({"bits": 8, "group_size": 32}, "unsupported quantization mode 'affine'"),  # mlx-lm's default mode
-    ({"mode": "mxfp8", "bits": 4, "group_size": 32}, "config.json says bits=4"),
-    ({"mode": "mxfp8", "bits": 8, "group_size": 64}, "config.json says group_size=64"),
+    ({"mode": "int3", "bits": 3, "group_size": 32}, "unknown quantization mode 'int3'"),
+    ({"mode": "affine", "bits": 8, "group_size": 32}, "affine quantization has group size 64, not 32"),
+    ({"bits": 8, "group_size": 32}, "affine quantization has group size 64"),  # mlx-lm's default mode
+    ({"mode": "affine", "bits": 3, "group_size": 64}, "affine quantization takes bits 4 or 8, not 3"),
+    ({"mode": "mxfp8", "bits": 4, "group_size": 32}, "mxfp8 quantization takes bits 8, not 4"),
+    ({"mode": "mxfp8", "bits": 8, "group_size": 64}, "mxfp8 quantization has group size 32, not 64"),
+    # A valid mode that the tensors do not hold: the recorded mode disagrees with the checkpoint.
+    ({"mode": "nvfp4", "bits": 4, "group_size": 16}, r"scales has shape .* groups of 16 \(nvfp4"),
+    ({"mode": "affine", "bits": 8, "group_size": 64}, "must be uint32 codes and float scales and biases"),
 ])
 def test_bad_quantization_config(quantized, tmp_path, config, message):
     with pytest.raises(ValueError, match=message):
@@ -477,11 +481,11 @@ def _quantize_final_layer(weights):
     (_drop("layers.0.attention.to_q.scales"), r"layers.0.attention.to_q.weight holds packed mxfp8 codes but "
                                               r"layers.0.attention.to_q.scales is missing"),
     (_regroup, r"layers.0.attention.to_q.scales has shape \(64, 1\), but input width 64 in groups of 32"),
-    (_quantize_final_layer, "layer 'all_final_layer.2-1.linear' is quantized, but the FP8 policy keeps it"),
+    (_quantize_final_layer, "layer 'all_final_layer.2-1.linear' is quantized, but the policy keeps it"),
 ])
 def test_bad_quantized_weights(quantized, tmp_path, edit, message):
     with pytest.raises(ValueError, match=message):
-        load_zimage_transformer(broken_copy(quantized, tmp_path, edit=edit), fp8=FP8Options(execution="matmul"))
+        load_zimage_transformer(broken_copy(quantized, tmp_path, edit=edit), fp8=QuantOptions(execution="matmul"))
 
 
 def test_a_named_model_keeps_its_recipe(source, tmp_path, monkeypatch):

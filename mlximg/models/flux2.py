@@ -17,7 +17,7 @@ from ..cache.runner import BlockRunner
 from ..configs import at_least, check_fields, from_dict
 from ..loading import load_component
 from ..nn import RMSNorm, attention, layer_norm, norm_rope_heads, rope_tables, silu, silu_mul, timestep_embedding
-from ..quant.options import FP8Options
+from ..quant.options import QuantOptions
 from .flux2_kv import LayerKV, ReferenceKV
 
 TIME_SCALE = 1000.0  # the model gets sigma (and the guidance scale) and embeds them x1000
@@ -380,7 +380,7 @@ class Flux2Transformer(nn.Module):
 
 
 def load_flux2_transformer(model_dir, dtype: mx.Dtype | None = None, *,
-                           fp8: FP8Options | None = None) -> Flux2Transformer:
+                           fp8: QuantOptions | None = None) -> Flux2Transformer:
     """The `transformer/` component; its checkpoint keys are our module paths, so there is nothing to sanitize."""
     return load_component(model_dir, "transformer", lambda config: Flux2Transformer(Flux2Config.from_dict(config)),
                           dtype=dtype, fp8=fp8)

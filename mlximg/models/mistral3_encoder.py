@@ -18,7 +18,7 @@ import numpy as np
 from mlx_lm.models import llama
 
 from ..loading import component_dir, load_checkpoint, read_config, read_json_object
-from ..quant.options import FP8Options
+from ..quant.options import QuantOptions
 from .decoder_states import (DecoderHiddenStates, check_decoder_config, prompt_list, resolve_hidden_layer,
                              warn_truncated)
 
@@ -199,7 +199,7 @@ class Mistral3TextEncoder:
 
 def load_mistral3_module(model_dir: str | Path, dtype: mx.Dtype | None = None,
                          layers: Iterable[int] = FLUX2_DEV_HIDDEN_LAYERS, *,
-                         fp8: FP8Options | None = None) -> Mistral3Encoder:
+                         fp8: QuantOptions | None = None) -> Mistral3Encoder:
     """The `text_encoder/` module alone, weights loaded lazily (nothing is read until evaluated); only the decoder
     layers `layers` need are built and loaded (30 of Mistral Small's 40 for FLUX.2 [dev])."""
     encoder_dir = component_dir(Path(model_dir), "text_encoder")
@@ -216,7 +216,7 @@ def load_mistral3_module(model_dir: str | Path, dtype: mx.Dtype | None = None,
 
 
 def load_mistral3_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None,
-                          layers: Iterable[int] = FLUX2_DEV_HIDDEN_LAYERS, *, fp8: FP8Options | None = None,
+                          layers: Iterable[int] = FLUX2_DEV_HIDDEN_LAYERS, *, fp8: QuantOptions | None = None,
                           ) -> Mistral3TextEncoder:
     """The `tokenizer/` and `text_encoder/` components of a FLUX.2 [dev] diffusers folder (see
     `load_mistral3_module`). `dtype`: cast floating weights to it; None keeps the checkpoint's."""

@@ -16,7 +16,7 @@ import numpy as np
 from mlx_lm.models import qwen3
 
 from ..loading import component_dir, load_checkpoint, read_config
-from ..quant.options import FP8Options
+from ..quant.options import QuantOptions
 from .decoder_states import (DecoderHiddenStates, check_decoder_config, prompt_list, resolve_hidden_layer,
                              warn_truncated)
 
@@ -125,7 +125,7 @@ class TextEncoder:
 
 
 def load_qwen3_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None, layers: Iterable[int] | None = None,
-                       *, fp8: FP8Options | None = None) -> Qwen3Encoder:
+                       *, fp8: QuantOptions | None = None) -> Qwen3Encoder:
     """The `text_encoder/` module alone, weights loaded lazily (nothing is read until evaluated).
 
     `layers`: the hidden-state indices the encoder will be asked for (e.g. ZIMAGE_HIDDEN_LAYERS); only the decoder
@@ -149,7 +149,7 @@ def load_qwen3_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None, lay
 
 
 def load_text_encoder(model_dir: str | Path, dtype: mx.Dtype | None = None,
-                      layers: Iterable[int] | None = None, *, fp8: FP8Options | None = None) -> TextEncoder:
+                      layers: Iterable[int] | None = None, *, fp8: QuantOptions | None = None) -> TextEncoder:
     """The `tokenizer/` and `text_encoder/` components of a diffusers folder (see `load_qwen3_encoder`)."""
     from transformers import AutoTokenizer
 

@@ -15,7 +15,7 @@ import numpy as np
 from ..cache.runner import PLAIN, BlockRunner
 from ..configs import at_least, check_fields, from_dict
 from ..loading import load_component
-from ..quant.options import FP8Options
+from ..quant.options import QuantOptions
 from ..nn import RMSNorm, SiLU, attention, layer_norm, norm_rope_heads, rope_tables, silu_mul, timestep_embedding
 
 SEQ_MULTIPLE = 32  # every token sequence is padded to a multiple of this
@@ -287,7 +287,7 @@ class ZImageTransformer(nn.Module):
 
 
 def load_zimage_transformer(model_dir, dtype: mx.Dtype | None = None, *,
-                            fp8: FP8Options | None = None) -> ZImageTransformer:
+                            fp8: QuantOptions | None = None) -> ZImageTransformer:
     """The `transformer/` component; its checkpoint keys are our module paths, so there is nothing to sanitize."""
     return load_component(model_dir, "transformer", lambda config: ZImageTransformer(ZImageConfig.from_dict(config)),
                           dtype=dtype, fp8=fp8)

@@ -19,7 +19,8 @@ from ..cache.stepcache import StepCacheConfig
 from ..cache.teacache import TeaCacheConfig
 from ..loading import check_json_files, component_dir, read_config, read_json_object
 from ..lora import Adapters, as_lora
-from ..quant.options import FP8Options
+from ..quant.format import named_quantization
+from ..quant.options import QuantOptions
 from ..runtime import PhaseLog, Tracker, compute_dtype
 from ..schedulers import FlowMatchEulerScheduler
 from .denoise import Denoiser, Schedule, StepState, denoise
@@ -27,7 +28,6 @@ from .init_image import InitImage, Inpaint, init_pixels, mask_pixels, nearest, n
 from .inputs import check_prompts, initial_noise, negative_batch, prompt_batch, resolve_arguments, seed_batch, to_image
 from .limits import check_memory, estimate_peak_memory, size_limits
 
-QUANTIZE_MODES = ("fp8",)
 
 
 class NonFiniteError(ValueError):
@@ -71,9 +71,11 @@ class Pipeline:
 
     def __init__(self, model_dir: Path, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False,
                  quantize: str | None = None, fp8: str | None = None, teacache_defaults: dict | None = None,
-                 loras=None):
-        """`quantize="fp8"`: quantize the transformer at load (per the FP8 policy); `fp8`: the FP8 execution path,
-        "matmul" or "dequantize" (default: MLXIMG_FP8, else by backend); `teacache_defaults`: the manifest's
+                 loras=None, text_encoder_quantize: str | None = None):
+        """`quantize`: quantize the transformer at load (per the policy) to "fp8" (= "mxfp8"), "mxfp4", "nvfp4",
+        "affine4" or "affine8"; `text_encoder_quantize`: the same for the text encoder; `fp8`: how quantized
+        weights run, "matmul", "dequantize" or "layerwise" (default: MLXIMG_FP8, else by backend);
+        `teacache_defaults`: the manifest's
         "teacache" entry, what `generate(teacache=True)` uses; `loras`: adapters to apply (see `set_loras`)."""
         self.model_dir = Path(model_dir)
         for name in self.components:  # fail now, not after minutes of work
@@ -85,10 +87,8 @@ class Pipeline:
         self.dtype = compute_dtype(dtype)
         self.scheduler = FlowMatchEulerScheduler.from_pretrained(self.model_dir)
         self.keep_text_encoder = keep_text_encoder
-        if quantize not in (None, *QUANTIZE_MODES):
-            raise ValueError(f"unknown quantize mode {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
-        self.fp8 = FP8Options(execution=fp8)
-        self.transformer_fp8 = FP8Options(quantize_at_load=quantize == "fp8", execution=fp8)
+        self.fp8 = QuantOptions(quantize=named_quantization(text_encoder_quantize), execution=fp8)
+        self.transformer_fp8 = QuantOptions(quantize=named_quantization(quantize), execution=fp8)
         self.tracker = Tracker()
         self.phases = PhaseLog()
         self.loaded: dict[str, object] = {}

@@ -1,4 +1,5 @@
-"""Convert a diffusers-layout model to FP8 (mxfp8), component by component and shard by shard.
+"""Convert a diffusers-layout model to a quantized one (mxfp8 by default; mxfp4, nvfp4, affine 4 / 8 bits),
+component by component and shard by shard.
 
 Peak memory is about one shard: each is loaded lazily, quantized, written and freed. The output is built in a
 temporary folder next to DST and renamed into place only after every converted component has been reloaded through
@@ -25,12 +26,9 @@ from ..loading import _INDEX_NAMES, broken_link, check_safetensors, read_config,
 from ..manifests import RECIPE_FILE, named_manifest
 from .destination import check_apart, check_replaceable, locked, make_temporary, publish, remove_stale
 from .format import CONFIG_KEY, Quantization, quantize_weights
-from .options import FP8Options
+from .options import QuantOptions
 from .policy import layer_policy, quantizable
 
-# E4M3 keeps 3 mantissa bits: round-to-nearest is off by at most 2^-4 of a value (relative), so a layer's relative
-# Frobenius error is below it whatever the weights; a larger one means a wrong conversion, not FP8 rounding.
-FP8_RELATIVE_ERROR = 2.0**-4
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes quantize_weights converts
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
@@ -60,7 +58,7 @@ def convert_component(src: Path, dst: Path, component: str, quantization: Quanti
         raise ValueError(f"{src} is already quantized ({config[CONFIG_KEY]})")
     policy = layer_policy(component, config)
     if policy is None:
-        raise ValueError(f"{src}: no FP8 policy for {component} class {config.get('_class_name')!r}")
+        raise ValueError(f"{src}: no quantization policy for {component} class {config.get('_class_name')!r}")
     dst.mkdir()
     weight_map, total, count = {}, 0, 0
     for shard in weight_files(src):
@@ -73,7 +71,8 @@ def convert_component(src: Path, dst: Path, component: str, quantization: Quanti
         del quantized
         mx.clear_cache()
     if count == 0:
-        raise ValueError(f"{src}: the FP8 policy matched no layer; nothing to quantize")
+        raise ValueError(f"{src}: the policy matched no layer whose width divides into {quantization.mode}'s groups "
+                         f"of {quantization.group_size}; nothing to quantize")
     index = _index_name(src)
     for item in src.iterdir():  # other files (generation_config.json, ...) unchanged
         if item.suffix != ".safetensors" and item.name not in ("config.json", index):
@@ -96,14 +95,14 @@ def _loaders(family_dir: Path) -> dict[str, Callable]:
     transformer_class = read_config(family_dir / "transformer").get("_class_name")
     encoder_type = read_config(family_dir / "text_encoder").get("model_type")
     encoder = load_mistral3_encoder if encoder_type == "mistral3" else load_text_encoder
-    dequantized = FP8Options(execution="dequantize")
+    dequantized = QuantOptions(execution="dequantize")  # float weights, for the comparison
     return {"transformer": lambda d: transformers[transformer_class](d, fp8=dequantized),
             "text_encoder": lambda d: encoder(d, fp8=dequantized).model}
 
 
-def verify_component(src_root: Path, out_root: Path, component: str) -> float:
+def verify_component(src_root: Path, out_root: Path, component: str, quantization: Quantization) -> float:
     """Reload the converted component with the normal loader; every weight must equal the source's, quantized
-    layers within FP8's rounding bound. Returns the largest relative error."""
+    layers within the mode's rounding bound. Returns the largest relative error."""
     from ..loading import load_safetensors
 
     module = _loaders(src_root)[component](out_root)
@@ -116,9 +115,9 @@ def verify_component(src_root: Path, out_root: Path, component: str) -> float:
             raise ValueError(f"{out_root / component}: reloaded weight {path!r} is not in the source")
         got, want = np.array(value.astype(mx.float32)), np.array(source[path].astype(mx.float32))
         error = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
-        if error > FP8_RELATIVE_ERROR:
+        if error > quantization.rounding_bound:
             raise ValueError(f"{out_root / component}: {path} differs from the source by {error:.3g} (relative), "
-                             f"more than FP8 rounding ({FP8_RELATIVE_ERROR})")
+                             f"more than {quantization.name} rounding ({quantization.rounding_bound})")
         worst = max(worst, error)
     return worst
 
@@ -151,10 +150,10 @@ def copy_tree(src_root: Path, tree: list[Path], out: Path, skip: tuple[str, ...]
             shutil.copy2(path, out / relative)
 
 
-def estimate_size(src_root: Path, tree: list[Path], components: tuple[str, ...], quantization: Quantization) -> int:
-    """About the bytes of the output: each float weight the policy quantizes as 8-bit codes plus one 8-bit scale
-    per group (0.53x of bfloat16), everything else at its source size. Reads only the safetensors headers."""
-    policies = {name: layer_policy(name, read_config(src_root / name)) for name in components}
+def estimate_size(src_root: Path, tree: list[Path], modes: dict[str, Quantization]) -> int:
+    """About the bytes of the output: each float weight the policy quantizes as its codes plus each group's scale
+    (mxfp8: 0.53x of bfloat16), everything else at its source size. Reads only the safetensors headers."""
+    policies = {name: layer_policy(name, read_config(src_root / name)) for name in modes}
     total = 0
     for path in tree:
         if path.is_dir():
@@ -162,7 +161,7 @@ def estimate_size(src_root: Path, tree: list[Path], components: tuple[str, ...],
         total += path.stat().st_size
         component = path.relative_to(src_root).parts[0]
         if component in policies and path.suffix == ".safetensors":
-            total -= _saved_by_quantizing(path, policies[component], quantization)
+            total -= _saved_by_quantizing(path, policies[component], modes[component])
     return total
 
 
@@ -171,10 +170,9 @@ def _saved_by_quantizing(shard: Path, policy: re.Pattern | None, quantization: Q
     for key, entry in check_safetensors(shard).items():
         layer = key.removesuffix(".weight")
         if (key.endswith(".weight") and entry["dtype"] in FLOAT_DTYPES
-                and quantizable(layer, tuple(entry["shape"]), policy)):
-            count = math.prod(entry["shape"])
+                and quantizable(layer, tuple(entry["shape"]), policy, quantization.group_size)):
             start, end = entry["data_offsets"]
-            saved += end - start - (count * quantization.bits // 8 + count // quantization.group_size)
+            saved += end - start - quantization.stored_bytes(math.prod(entry["shape"]))
     return saved
 
 
@@ -203,21 +201,21 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _build(src_root: Path, tree: list[Path], dst: Path, force: bool, components: tuple[str, ...],
-           quantization: Quantization, recipe: dict | None, log: Callable[[str], None]) -> None:
+def _build(src_root: Path, tree: list[Path], dst: Path, force: bool, modes: dict[str, Quantization],
+           recipe: dict | None, log: Callable[[str], None]) -> None:
     """Convert into a temporary folder, verify, move it to `dst`; on any failure remove the temporary folder."""
     tmp = make_temporary(dst)
     try:
-        for name in components:
+        for name, quantization in modes.items():
             count = convert_component(src_root / name, tmp / name, name, quantization)
-            log(f"{name}: quantized {count} layers to {quantization.mode}")
-        copy_tree(src_root, tree, tmp, skip=components)
+            log(f"{name}: quantized {count} layers to {quantization.name}")
+        copy_tree(src_root, tree, tmp, skip=tuple(modes))
         if recipe is not None:
             (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
             log(f"{RECIPE_FILE}: the recipe of {recipe['name']} ({json.dumps(recipe['defaults'])})")
-        for name in components:
-            worst = verify_component(src_root, tmp, name)
-            log(f"{name}: reloaded; largest relative weight error {worst:.4f} (bound {FP8_RELATIVE_ERROR})")
+        for name, quantization in modes.items():
+            worst = verify_component(src_root, tmp, name, quantization)
+            log(f"{name}: reloaded; largest relative weight error {worst:.4f} (bound {quantization.rounding_bound})")
         publish(tmp, dst, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -234,12 +232,18 @@ def _source(src: str | Path) -> tuple[Path, dict | None]:
     return Path(folder).resolve(), None if (Path(folder) / RECIPE_FILE).is_file() else manifest.recipe()
 
 
-def convert(src: str | Path, dst: str | Path, force: bool = False, text_encoder: bool = False,
-            log: Callable[[str], None] = print) -> Path:
-    """Write an FP8 copy of model `src` (a model name, a folder or a repo id) to `dst`: the transformer (and with
-    `text_encoder` the text encoder) quantized per the policy; every other component copied unchanged, and the
-    named model's recipe (mlximg.json). `src` is never modified, and with `force` only an earlier model folder
-    (or an empty folder) at `dst` is replaced."""
+def convert(src: str | Path, dst: str | Path, force: bool = False, text_encoder: bool | str | Quantization = False,
+            log: Callable[[str], None] = print, quantization: Quantization | None = None) -> Path:
+    """Write a quantized copy of model `src` (a model name, a folder or a repo id) to `dst`: the transformer in
+    `quantization` (default mxfp8) and, with `text_encoder`, the text encoder (True: in the same mode; or a mode
+    name / Quantization of its own), per the policy; every other component copied unchanged, and the named
+    model's recipe (mlximg.json). `src` is never modified, and with `force` only an earlier model folder (or an
+    empty folder) at `dst` is replaced."""
+    quantization = quantization or Quantization()
+    modes = {"transformer": quantization}
+    if text_encoder:
+        modes["text_encoder"] = (quantization if text_encoder is True else text_encoder
+                                 if isinstance(text_encoder, Quantization) else Quantization.named(text_encoder))
     dst = Path(dst).expanduser().resolve()
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} exists; pass --force to replace it")
@@ -250,20 +254,18 @@ def convert(src: str | Path, dst: str | Path, force: bool = False, text_encoder:
         raise FileNotFoundError(f"destination folder {dst.parent} does not exist")
     if dst.exists():
         check_replaceable(dst)
-    components = ("transformer", "text_encoder") if text_encoder else ("transformer",)
-    quantization = Quantization()
-    needed = estimate_size(src_root, tree, components, quantization)
+    needed = estimate_size(src_root, tree, modes)
     if needed > shutil.disk_usage(dst.parent).free:
         raise NoSpaceError(f"not enough free space in {_space_report(dst.parent, needed)}")
     try:
         with _terminate_as_interrupt(), locked(dst):
             remove_stale(dst, log)
-            _build(src_root, tree, dst, force, components, quantization, recipe, log)
+            _build(src_root, tree, dst, force, modes, recipe, log)
     except OSError as error:
         if error.errno not in FULL_DISK:
             raise
         raise NoSpaceError(f"no space left on device in {_space_report(dst.parent, needed)}") from error
-    for component in components:
+    for component in modes:
         before, after = folder_size(src_root / component), folder_size(dst / component)
         log(f"{component}: {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({after / before:.0%})")
     log(f"total: {folder_size(src_root) / 2**20:.2f} MiB -> {folder_size(dst) / 2**20:.2f} MiB; wrote {dst}")

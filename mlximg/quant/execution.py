@@ -1,13 +1,15 @@
-"""How FP8 weights run: quantized matmul (nn.QuantizedLinear) on GPU backends, dequantized to float at load on
-the CPU, where MLX's mxfp8 quantized matmul is ~200x slower than a float32 OpenBLAS matmul (the FP8 checkpoint
-still saves disk and download; compute stays float)."""
+"""How quantized weights run: quantized matmul (nn.QuantizedLinear) on GPU backends, dequantized to float at load
+on the CPU, where MLX's quantized matmul is ~200x slower than a float32 OpenBLAS matmul (the quantized checkpoint
+still saves disk and download; compute stays float). "layerwise" keeps them quantized in memory and
+dequantizes each layer's weight just before its float matmul: resident memory follows the bit width, at the
+cost of a dequantization per layer per call."""
 
 import os
 
 from ..runtime import backend
 
 FP8_ENV = "MLXIMG_FP8"
-PATHS = ("matmul", "dequantize")
+PATHS = ("matmul", "dequantize", "layerwise")
 
 
 def fp8_execution(override: str | None = None) -> str:

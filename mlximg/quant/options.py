@@ -1,18 +1,20 @@
-"""The FP8 side of loading a component, as one keyword-only object that every loader passes on."""
+"""The quantization side of loading a component, as one keyword-only object that every loader passes on."""
 
 from dataclasses import dataclass
 
 from .execution import fp8_execution
+from .format import Quantization
 
 
 @dataclass(frozen=True)
-class FP8Options:
-    """`quantize_at_load`: quantize a float checkpoint's policy layers to mxfp8 as it loads; `execution`: how FP8
-    weights run, "matmul" (QuantizedLinear) or "dequantize" (float weights), None for MLXIMG_FP8 or the backend's
-    default; `float8_checkpoint`: the weights are third-party float8, folded with their scales when read (set by
-    the loader from the safetensors headers)."""
+class QuantOptions:
+    """`quantize`: quantize a float checkpoint's policy layers to this mode as it loads (None: keep it float);
+    `execution`: how quantized weights run, "matmul" (QuantizedLinear), "dequantize" (float weights from load
+    on) or "layerwise" (kept quantized, each layer's weight dequantized just before its float matmul), None for
+    MLXIMG_FP8 or the backend's default; `float8_checkpoint`: the weights are third-party float8, folded with
+    their scales when read (set by the loader from the safetensors headers)."""
 
-    quantize_at_load: bool = False
+    quantize: Quantization | None = None
     execution: str | None = None
     float8_checkpoint: bool = False
 

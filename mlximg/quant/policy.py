@@ -1,12 +1,11 @@
-"""Which Linear layers FP8 quantizes, per component family, as patterns over checkpoint keys / module paths.
+"""Which Linear layers quantization (FP8, 4-bit, 8-bit) takes, per component family, as patterns over checkpoint
+keys / module paths.
 
 Only the blocks' attention, MLP and modulation projections (almost all of the weights); embedders, final layers,
 norms, pad tokens and the VAE stay in high precision: they are small and their errors reach every token.
 """
 
 import re
-
-GROUP_SIZE = 32  # mxfp8's one E8M0 scale per 32 inputs
 
 _ZIMAGE = (r"(?:^|\.)(?:layers|noise_refiner|context_refiner)\.\d+\."
            r"(?:attention\.(?:to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123]|adaLN_modulation\.0)$")
@@ -34,7 +33,7 @@ def layer_policy(component: str, config: dict) -> re.Pattern | None:
     return None
 
 
-def quantizable(layer: str, weight_shape: tuple[int, ...], policy: re.Pattern | None) -> bool:
-    """A 2-D weight of a policy layer whose input width divides into whole groups."""
-    return (policy is not None and len(weight_shape) == 2 and weight_shape[1] % GROUP_SIZE == 0
+def quantizable(layer: str, weight_shape: tuple[int, ...], policy: re.Pattern | None, group_size: int) -> bool:
+    """A 2-D weight of a policy layer whose input width divides into whole groups (the rest stays float)."""
+    return (policy is not None and len(weight_shape) == 2 and weight_shape[1] % group_size == 0
             and policy.search(layer) is not None)
