@@ -38,7 +38,8 @@ def load(model: str = DEFAULT_MODEL, *, dtype=None, **pipeline_options):
 
     Only configs are read here; weights load on first use. Pipeline options: keep_text_encoder, quantize="fp8" |
     "mxfp4" | "nvfp4" | "affine4" | "affine8" (quantize the transformer at load), text_encoder_quantize (the same
-    for the text encoder), fp8="matmul" | "dequantize" | "layerwise" (how quantized weights run), loras=[...] (LoRA
+    for the text encoder), text_encoder=FOLDER | REPO | NAME (the text encoder and tokenizer from elsewhere, e.g. a
+    quantized copy), fp8="matmul" | "dequantize" | "layerwise" (how quantized weights run), loras=[...] (LoRA
     adapters: paths, (path, scale) pairs or mlximg.LoRA; see Pipeline.set_loras).
     """
     manifest = resolve(model)

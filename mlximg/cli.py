@@ -85,7 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
     for lora in loras:  # a missing file is named before anything loads
         locate(lora.path)
     pipeline = load(args.model, quantize=args.quantize, fp8=args.fp8, loras=loras,
-                    text_encoder_quantize=args.text_encoder_quantize)
+                    text_encoder_quantize=args.text_encoder_quantize, text_encoder=args.text_encoder_model)
     for adapter in pipeline.adapters.report():
         print(f"lora {adapter['name']}: scale {adapter['scale']:g}, {adapter['layers']} layers")
     callback = preview_writer(pipeline, args.stepwise, seeds) if args.stepwise is not None else None
@@ -162,6 +162,8 @@ def _add_generate(commands) -> None:
     p.add_argument("--quantize", choices=list(NAMES), help="quantize the transformer at load (fp8 = mxfp8)")
     p.add_argument("--text-encoder", choices=list(NAMES), dest="text_encoder_quantize", metavar="MODE",
                    help=f"quantize the text encoder at load ({', '.join(NAMES)})")
+    p.add_argument("--text-encoder-model", metavar="MODEL",
+                   help="take the text encoder and tokenizer from this folder, repo id or model name")
     p.add_argument("--fp8", choices=list(PATHS),
                    help="how quantized weights run (default: MLXIMG_FP8, else matmul on GPU, dequantize on CPU; "
                         "layerwise: kept quantized, dequantized per layer)")
@@ -199,6 +201,61 @@ def _add_quantize(commands) -> None:
     p.set_defaults(run=_quantize)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from .loading import component_dir
+    from .manifests import FAMILY_DEFAULTS, resolve
+    from .planner import plan, table, uses_cfg
+
+    manifest = resolve(args.model)
+    folder = manifest.path or _cached_snapshot(manifest.repo, args.model)
+    for name in ("transformer", "text_encoder", "vae"):
+        component_dir(folder, name)
+    defaults = manifest.defaults or FAMILY_DEFAULTS[manifest.family]
+    width, height = (defaults.get("width", 1024), defaults.get("height", 1024)) if args.size is None else args.size
+    guidance = defaults.get("guidance", 0.0) if args.guidance is None else args.guidance
+    phases = plan(folder, manifest.family, width=width, height=height, num_images=args.num_images,
+                  cfg=uses_cfg(folder, manifest.family, guidance),
+                  quantize=args.quantize, text_encoder_quantize=args.text_encoder,
+                  compute_bytes=4 if args.dtype == "float32" else 2, tiled_decode=args.tiled_decode)
+    print(f"{args.model}: {width}x{height}, {args.num_images} image(s), {args.dtype}"
+          f"{', transformer ' + args.quantize if args.quantize else ''}"
+          f"{', text encoder ' + args.text_encoder if args.text_encoder else ''}")
+    print(table(phases))
+    return 0
+
+
+def _cached_snapshot(repo_id: str, model: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:
+        raise FileNotFoundError(f"{model}: not downloaded; the plan reads the model's configs and safetensors "
+                                "headers, so it needs a local copy (or a folder path)") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    try:
+        return int(width), int(height)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, got {text!r}") from None
+
+
+def _add_plan(commands) -> None:
+    p = commands.add_parser("plan", help="will it fit: per-phase weights, activations and peak memory of a run")
+    p.add_argument("model", help="a model name (downloaded), a local diffusers folder or a repo id in the cache")
+    p.add_argument("--quantize", choices=list(NAMES), help="the transformer's weight mode")
+    p.add_argument("--text-encoder", choices=list(NAMES), metavar="MODE", help="the text encoder's weight mode")
+    p.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the model's)")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--guidance", type=float, help="default: the model's (CFG doubles the transformer's batch)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="the compute dtype (bfloat16 on a Mac, float32 on the CPU)")
+    p.add_argument("--tiled-decode", action="store_true")
+    p.set_defaults(run=_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlximg", description="Diffusion-transformer image generation on MLX.")
     parser.add_argument("--version", action="version", version=f"mlximg {__version__}")
@@ -206,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("info", help="backend, device, dtype policy, BLAS and versions").set_defaults(run=_info)
     _add_generate(commands)
     _add_quantize(commands)
+    _add_plan(commands)
     return parser
 
 

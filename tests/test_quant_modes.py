@@ -162,3 +162,25 @@ def test_bad_modes_are_refused(models, tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["quantize", str(models / "klein"), str(tmp_path / "out"), "--mode", "affine", "--bits", "3"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_text_encoder_from_another_folder(models, tmp_path):
+    """The text encoder (and tokenizer) of another folder, here a quantized copy, as text_encoder=: the image is
+    the one of quantizing it at load; one of another architecture or width is refused before loading."""
+    import shutil
+
+    borrowed = image_of(models / "zimage", text_encoder=models / "zimage-affine8", fp8="dequantize")
+    at_load = image_of(models / "zimage", text_encoder_quantize="affine8", fp8="dequantize")
+    assert np.abs(borrowed - at_load).max() <= 1
+    for field, value, message in (("hidden_size", 48, "qwen3 text encoder of width 48, but this zimage transformer "
+                                                      "takes qwen3 hidden states of 32 features"),
+                                  ("model_type", "llama", "a llama text encoder")):
+        other = tmp_path / f"other-{field}"
+        shutil.copytree(models / "zimage" / "tokenizer", other / "tokenizer")
+        shutil.copytree(models / "zimage" / "text_encoder", other / "text_encoder")
+        config = json.loads((other / "text_encoder" / "config.json").read_text())
+        (other / "text_encoder" / "config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(ValueError, match=message):
+            mlximg.load(str(models / "zimage"), text_encoder=other)
+    with pytest.raises(FileNotFoundError):
+        mlximg.load(str(models / "zimage"), text_encoder=tmp_path / "missing")

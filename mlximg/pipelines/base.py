@@ -34,6 +34,28 @@ class NonFiniteError(ValueError):
     """A run produced NaN or inf: reported with its likely cause instead of saving a black image."""
 
 
+TEXT_COMPONENTS = ("text_encoder", "tokenizer")
+
+
+def text_encoder_folder(model_dir: Path, text_encoder: str | Path | None) -> Path:
+    """Where the text encoder and tokenizer come from: the model's own folder, or `text_encoder` (a manifest name,
+    a diffusers-layout folder or a repo id holding text_encoder/ and tokenizer/; only those are downloaded)."""
+    if text_encoder is None:
+        return Path(model_dir)
+    from ..loading import resolve_model
+    from ..manifests import known_manifests
+
+    manifest = known_manifests().get(str(text_encoder))
+    if manifest is not None:
+        return manifest.path or resolve_model(manifest.repo, TEXT_COMPONENTS, manifest.download_gb)
+    return resolve_model(text_encoder, TEXT_COMPONENTS)
+
+
+def text_width(config: dict) -> int | None:
+    """A text encoder config's hidden size (Mistral3 keeps it in its text_config)."""
+    return config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")
+
+
 def first_nonfinite_weight(module) -> str | None:
     """The name of the first floating-point weight of `module` holding NaN or inf, or None."""
     for name, value in tree_flatten(module.parameters()):
@@ -71,15 +93,20 @@ class Pipeline:
 
     def __init__(self, model_dir: Path, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False,
                  quantize: str | None = None, fp8: str | None = None, teacache_defaults: dict | None = None,
-                 loras=None, text_encoder_quantize: str | None = None):
+                 loras=None, text_encoder_quantize: str | None = None, text_encoder=None):
         """`quantize`: quantize the transformer at load (per the policy) to "fp8" (= "mxfp8"), "mxfp4", "nvfp4",
         "affine4" or "affine8"; `text_encoder_quantize`: the same for the text encoder; `fp8`: how quantized
         weights run, "matmul", "dequantize" or "layerwise" (default: MLXIMG_FP8, else by backend);
         `teacache_defaults`: the manifest's
-        "teacache" entry, what `generate(teacache=True)` uses; `loras`: adapters to apply (see `set_loras`)."""
+        "teacache" entry, what `generate(teacache=True)` uses; `loras`: adapters to apply (see `set_loras`);
+        `text_encoder`: take the text encoder and tokenizer from another folder, repo id or model name (its
+        architecture and width must be what the transformer takes)."""
         self.model_dir = Path(model_dir)
+        self.text_encoder_dir = text_encoder_folder(self.model_dir, text_encoder)
         for name in self.components:  # fail now, not after minutes of work
-            component_dir(self.model_dir, name)
+            component_dir(self.text_encoder_dir if name in TEXT_COMPONENTS else self.model_dir, name)
+        if text_encoder is not None:
+            self.check_text_encoder()
         self.check_family()
         self.limits = size_limits(self.family, self.model_dir)
         self.size_multiple = self.limits.multiple
@@ -118,7 +145,24 @@ class Pipeline:
         self._load_transformer()
         self._load_vae()
         self._load_text_encoder_module()
-        check_json_files(self.model_dir / "tokenizer")
+        check_json_files(self.text_encoder_dir / "tokenizer")
+
+    def check_text_encoder(self) -> None:
+        """A text encoder from elsewhere must be one this transformer takes: its architecture, and a width whose
+        stacked hidden states fill the transformer's text input."""
+        folder = self.text_encoder_dir / "text_encoder"
+        config = read_config(folder)
+        architectures, features, stacked = self.text_encoder_expected()
+        model_type, width = config.get("model_type"), text_width(config)
+        if model_type not in architectures or width is None or width * stacked != features:
+            raise ValueError(
+                f"{folder}: a {model_type} text encoder of width {width}, but this {self.family} transformer takes "
+                f"{' or '.join(architectures)} hidden states of {features // stacked} features"
+                f"{f' ({stacked} layers stacked)' if stacked > 1 else ''}")
+
+    def text_encoder_expected(self) -> tuple[tuple[str, ...], int, int]:
+        """(architectures, the transformer's text features, how many hidden states are stacked into them)."""
+        raise NotImplementedError
 
     def component(self, name: str):
         """The component `name`, loaded by `self._load_<name>()` on first use and kept under its name."""

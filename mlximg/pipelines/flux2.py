@@ -19,7 +19,7 @@ from ..models.flux2_vae import load_flux2_vae, pack_latents, unpack_latents
 from ..models.mistral3_encoder import load_mistral3_encoder, load_mistral3_module, processor_chat_template
 from ..models.qwen3_encoder import FLUX2_KLEIN_HIDDEN_LAYERS, load_qwen3_encoder, load_text_encoder
 from ..schedulers import compute_empirical_mu
-from .base import Pipeline, Run
+from .base import Pipeline, Run, text_encoder_folder
 from .denoise import Schedule
 from .init_image import InitImage, bilinear, resized
 from .references import MAX_AREA, open_references, prepare_inpaint_references, prepare_reference
@@ -60,12 +60,15 @@ class Flux2Pipeline(Pipeline):
     mask_resampling = staticmethod(bilinear)
 
     def __init__(self, model_dir, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False,
-                 **options):
-        self.encoder_type = read_config(Path(model_dir) / "text_encoder").get("model_type")
+                 text_encoder=None, **options):
+        own = read_config(Path(model_dir) / "text_encoder") if (Path(model_dir) / "text_encoder").is_dir() else {}
+        # klein takes Qwen3, dev Mistral3: a text encoder from elsewhere keeps the model's own kind.
+        self.encoder_type = own.get("model_type") or read_config(
+            text_encoder_folder(model_dir, text_encoder) / "text_encoder").get("model_type")
         if self.encoder_type not in MAX_REFERENCES:
             raise ValueError(f"{model_dir}: FLUX.2 text encoder {self.encoder_type!r} is not supported "
                              f"(expected one of {sorted(MAX_REFERENCES)})")
-        super().__init__(model_dir, defaults, dtype, keep_text_encoder, **options)
+        super().__init__(model_dir, defaults, dtype, keep_text_encoder, text_encoder=text_encoder, **options)
         transformer_config = read_config(self.model_dir / "transformer")
         self.guidance_embeds = bool(transformer_config.get("guidance_embeds", True))
         # Noise channels: the VAE's latent channels x a 2x2 patch (128 for the released models).
@@ -78,14 +81,20 @@ class Flux2Pipeline(Pipeline):
 
     def _load_text_encoder(self):
         if self.encoder_type == "mistral3":
-            return load_mistral3_encoder(self.model_dir, dtype=self.dtype, fp8=self.fp8)
-        return load_text_encoder(self.model_dir, dtype=self.dtype, layers=FLUX2_KLEIN_HIDDEN_LAYERS, fp8=self.fp8)
+            return load_mistral3_encoder(self.text_encoder_dir, dtype=self.dtype, fp8=self.fp8)
+        return load_text_encoder(self.text_encoder_dir, dtype=self.dtype, layers=FLUX2_KLEIN_HIDDEN_LAYERS,
+                                 fp8=self.fp8)
 
     def _load_text_encoder_module(self):
         if self.encoder_type == "mistral3":
-            processor_chat_template(self.model_dir / "tokenizer")
-            return load_mistral3_module(self.model_dir, dtype=self.dtype, fp8=self.fp8)
-        return load_qwen3_encoder(self.model_dir, dtype=self.dtype, layers=FLUX2_KLEIN_HIDDEN_LAYERS, fp8=self.fp8)
+            processor_chat_template(self.text_encoder_dir / "tokenizer")
+            return load_mistral3_module(self.text_encoder_dir, dtype=self.dtype, fp8=self.fp8)
+        return load_qwen3_encoder(self.text_encoder_dir, dtype=self.dtype, layers=FLUX2_KLEIN_HIDDEN_LAYERS,
+                                  fp8=self.fp8)
+
+    def text_encoder_expected(self):
+        features = read_config(self.model_dir / "transformer").get("joint_attention_dim", 15360)
+        return (self.encoder_type,), features, 3  # three hidden states stacked
 
     def _load_transformer(self):
         return load_flux2_transformer(self.model_dir, self.dtype, fp8=self.transformer_fp8)

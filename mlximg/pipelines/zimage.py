@@ -83,10 +83,13 @@ class ZImagePipeline(Pipeline):
     transformer_class = "ZImageTransformer2DModel"
 
     def _load_text_encoder(self):
-        return load_text_encoder(self.model_dir, dtype=self.dtype, layers=ZIMAGE_HIDDEN_LAYERS, fp8=self.fp8)
+        return load_text_encoder(self.text_encoder_dir, dtype=self.dtype, layers=ZIMAGE_HIDDEN_LAYERS, fp8=self.fp8)
 
     def _load_text_encoder_module(self):
-        return load_qwen3_encoder(self.model_dir, dtype=self.dtype, layers=ZIMAGE_HIDDEN_LAYERS, fp8=self.fp8)
+        return load_qwen3_encoder(self.text_encoder_dir, dtype=self.dtype, layers=ZIMAGE_HIDDEN_LAYERS, fp8=self.fp8)
+
+    def text_encoder_expected(self):
+        return ("qwen3",), read_config(self.model_dir / "transformer").get("cap_feat_dim", 2560), 1
 
     def _load_transformer(self):
         return load_zimage_transformer(self.model_dir, self.dtype, fp8=self.transformer_fp8)

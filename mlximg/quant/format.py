@@ -83,9 +83,10 @@ class Quantization:
         Gaussian weights, bounded here at 0.25."""
         return 2.0**-4 if self.bits == 8 else 0.25
 
-    def stored_bytes(self, count: int) -> int:
-        """Bytes of `count` quantized weights on disk: the codes and each group's scale (and bias, bfloat16)."""
-        per_group = 4 if self.has_biases else 1
+    def stored_bytes(self, count: int, float_bytes: int = 2) -> int:
+        """Bytes of `count` quantized weights: the codes and each group's scale (and, for affine, its bias, both
+        `float_bytes` wide: bfloat16 on disk, the compute dtype in memory)."""
+        per_group = 2 * float_bytes if self.has_biases else 1
         return count * self.bits // 8 + count // self.group_size * per_group
 
     def to_config(self) -> dict:

@@ -1,0 +1,137 @@
+"""Will it fit? Each phase's resident weights, an activation estimate and the expected peak of a run, from the
+model's configs and safetensors headers alone: a local folder's, or a Hugging Face repo's read over the network
+(the headers only, no weights downloaded).
+
+The phases are the pipeline's: encode (the text encoder alone, released afterwards), denoise (the transformer),
+decode (the transformer, still loaded, and the VAE). Weights are counted at the compute width, quantized layers
+at their mode's bytes (as they stay in memory on a Mac, or on the CPU with fp8="layerwise"). Activations:
+encode, the text encoder's hidden states for 512 tokens; denoise, one block's working set for the batch (with
+classifier-free guidance twice); decode, five full-resolution tensors of the VAE decoder's last width (the
+measured peak of MLX's decoder), or of 512-px tiles when tiled.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .loading import read_config, weight_files
+from .quant import layer_policy
+from .quant.format import Quantization
+from .quant.policy import quantizable
+
+MEMORY_SIZES_GB = (8, 16, 24, 32, 48, 64, 96, 128)
+# macOS lets the GPU use about three quarters of unified memory by default; the rest is the system's.
+USABLE_SHARE = 0.75
+TEXT_TOKENS = 512
+DECODE_TENSORS = 5
+BLOCK_TENSORS = 8  # residual stream, q / k / v, attention output, MLP hidden units (x2: gate and value), ...
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "U32": 4, "U8": 1, "I8": 1, "I32": 4,
+                "I64": 8}
+
+
+@dataclass
+class Phase:
+    name: str
+    weights: int
+    activations: int
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.activations
+
+
+def component_bytes(headers: list[dict], policy, quantization: Quantization | None, compute_bytes: int) -> int:
+    """A component's weights in memory from its safetensors headers: float tensors at the compute width (or, for
+    the layers `quantization` takes, at its bytes), packed tensors as stored."""
+    total = 0
+    for header in headers:
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            count = math.prod(entry["shape"])
+            layer = key.removesuffix(".weight")
+            if not entry["dtype"].startswith(("F", "BF")):
+                total += count * _DTYPE_BYTES.get(entry["dtype"], 4)
+            elif (quantization is not None and key.endswith(".weight")
+                  and quantizable(layer, tuple(entry["shape"]), policy, quantization.group_size)):
+                total += quantization.stored_bytes(count, compute_bytes)
+            else:
+                total += count * compute_bytes
+    return total
+
+
+def _local_headers(folder: Path) -> list[dict]:
+    from .loading import check_safetensors
+
+    return [check_safetensors(path) for path in weight_files(folder)]
+
+
+def _block_activations(family: str, transformer: dict, width: int, height: int, batch: int, scale: int,
+                       compute_bytes: int) -> int:
+    tokens = (width // scale) * (height // scale) + TEXT_TOKENS
+    if family == "flux2":
+        dim = transformer.get("num_attention_heads", 48) * transformer.get("attention_head_dim", 128)
+        hidden = dim * transformer.get("mlp_ratio", 3.0)
+    else:
+        dim = transformer.get("dim", 3840)
+        hidden = dim * 8 / 3
+    return int(batch * tokens * (BLOCK_TENSORS * dim + 2 * hidden) * compute_bytes)
+
+
+def plan(folder: Path, family: str, *, width: int, height: int, num_images: int = 1, cfg: bool = False,
+         quantize: str | None = None, text_encoder_quantize: str | None = None, compute_bytes: int = 2,
+         tiled_decode: bool = False, headers=_local_headers) -> list[Phase]:
+    """The phases of a run of the model in `folder` (configs read there; `headers(component_folder)` gives the
+    safetensors headers)."""
+    folder = Path(folder)
+    modes = {"transformer": quantize, "text_encoder": text_encoder_quantize, "vae": None}
+    weights = {}
+    for name, mode in modes.items():
+        config = read_config(folder / name)
+        quantization = Quantization.from_config(config) or (Quantization.named(mode) if mode else None)
+        weights[name] = component_bytes(headers(folder / name), layer_policy(name, config), quantization,
+                                        compute_bytes)
+    text = read_config(folder / "text_encoder")
+    width_text = text.get("hidden_size") or (text.get("text_config") or {}).get("hidden_size", 4096)
+    encode = TEXT_TOKENS * width_text * compute_bytes * 4  # one prompt's hidden states and a layer's work
+    vae = read_config(folder / "vae")
+    downsampling = 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+    transformer = read_config(folder / "transformer")
+    batch = num_images * (2 if cfg else 1)
+    denoise = _block_activations(family, transformer, width, height, batch, 2 * downsampling, compute_bytes)
+    channels = (vae.get("decoder_block_out_channels") or vae.get("block_out_channels") or (128,))[0]
+    pixels = min(width * height, 512 * 512) if tiled_decode else width * height
+    decode = pixels * channels * compute_bytes * DECODE_TENSORS
+    return [Phase("encode", weights["text_encoder"], encode),
+            Phase("denoise", weights["transformer"], denoise),
+            Phase("decode", weights["transformer"] + weights["vae"], decode)]
+
+
+def uses_cfg(folder: Path, family: str, guidance: float) -> bool:
+    """Whether a run at `guidance` doubles the transformer's batch, as the pipelines decide: Z-Image above 0;
+    FLUX.2 klein base above 1 (distilled klein and dev, which embeds guidance, never)."""
+    if family == "zimage":
+        return guidance > 0
+    from .loading import read_json_object
+
+    distilled = read_json_object(Path(folder) / "model_index.json").get("is_distilled", False)
+    embedded = read_config(Path(folder) / "transformer").get("guidance_embeds", True)
+    return guidance > 1 and not distilled and not embedded
+
+
+def fits(peak: int) -> list[int]:
+    """The memory sizes (GB) whose usable share holds `peak`."""
+    return [size for size in MEMORY_SIZES_GB if peak <= size * 1e9 * USABLE_SHARE]
+
+
+def table(phases: list[Phase]) -> str:
+    peak = max(phase.peak for phase in phases)
+    unit, scale = ("GiB", 2**30) if peak >= 2**30 else ("MiB", 2**20)
+    lines = [f"{'phase':<9}{'weights ' + unit:>13}{'activations ' + unit:>17}{'peak ' + unit:>10}"]
+    for phase in phases:
+        lines.append(f"{phase.name:<9}{phase.weights / scale:>13.2f}{phase.activations / scale:>17.2f}"
+                     f"{phase.peak / scale:>10.2f}")
+    sizes = fits(peak)
+    verdict = (f"fits Macs with {', '.join(f'{s} GB' for s in sizes)} (peak {peak / 2**30:.1f} GiB within "
+               f"{USABLE_SHARE:.0%} of memory)" if sizes else f"needs more than {MEMORY_SIZES_GB[-1]} GB")
+    return "\n".join([*lines, verdict])

@@ -1,0 +1,53 @@
+"""`mlximg plan`: per-phase weights, activations and peak from configs and safetensors headers alone. The weights
+it counts are what a pipeline keeps once loaded (float and quantized); the peaks are checked against measured
+ones in docs/MEASUREMENTS.md (scripts/plan_check.py)."""
+
+import pytest
+from test_zimage_pipeline import build_reference
+
+import mlximg
+from mlximg import cli
+from mlximg.planner import fits, plan
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plan") / "zimage"
+    build_reference(folder)
+    return folder
+
+
+@pytest.mark.parametrize("quantize", [None, "mxfp4", "affine8"])
+def test_weights_are_what_the_pipeline_keeps(tiny, quantize):
+    pipeline = mlximg.load(str(tiny), quantize=quantize, fp8="layerwise", dtype="float32")
+    phases = {p.name: p for p in plan(tiny, "zimage", width=64, height=64, quantize=quantize, compute_bytes=4)}
+    pipeline.component("transformer")
+    pipeline.component("vae")
+    assert phases["denoise"].weights == pipeline.tracker.nbytes("transformer")
+    assert phases["decode"].weights == pipeline.tracker.nbytes("transformer") + pipeline.tracker.nbytes("vae")
+
+
+def test_activations_grow_with_size_batch_and_guidance(tiny):
+    def peak(**options):
+        settings = dict(width=64, height=64) | options
+        return {p.name: p.activations for p in plan(tiny, "zimage", compute_bytes=4, **settings)}
+
+    small, large = peak(), peak(width=128, height=128)
+    assert large["denoise"] > small["denoise"] and large["decode"] == 4 * small["decode"]
+    assert peak(num_images=2)["denoise"] > small["denoise"] and peak(cfg=True)["denoise"] > small["denoise"]
+    assert peak(width=1024, height=1024, tiled_decode=True)["decode"] < peak(width=1024, height=1024)["decode"]
+
+
+def test_fits_by_usable_memory():
+    assert fits(5 * 10**9) == [8, 16, 24, 32, 48, 64, 96, 128]
+    assert fits(20 * 10**9) == [32, 48, 64, 96, 128]
+    assert fits(200 * 10**9) == []
+
+
+def test_cli(tiny, capsys):
+    assert cli.main(["plan", str(tiny), "--size", "96x64", "--quantize", "mxfp4", "--num-images", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "denoise" in out and "decode" in out and "fits Macs with 8 GB" in out
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "flux2-dev"])  # not downloaded here
+    assert "not downloaded" in capsys.readouterr().err
