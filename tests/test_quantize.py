@@ -506,3 +506,33 @@ def test_a_named_model_keeps_its_recipe(source, tmp_path, monkeypatch):
     out = convert(named.repo, tmp_path / "turbo-fp8", log=quiet)
     assert json.loads((out / RECIPE_FILE).read_text()) == {"name": "tiny-turbo", "defaults": named.defaults}
     assert resolve(str(out)).defaults == named.defaults
+
+
+def test_verification_holds_one_tensor_at_a_time(source, tmp_path):
+    """The reload check reads the output tensor by tensor: its peak is that of comparing the largest tensor (its
+    source and its output, float32), not of the model and its source (a model larger than the machine's memory
+    converts too; here the model is 2.3x its largest tensor, so holding both copies would show)."""
+    import mlx.core as mx
+
+    from mlximg.quant.format import Quantization
+
+    out = tmp_path / "out"
+    convert(source, out, log=quiet)
+    weights = load_safetensors(weight_files(source / "transformer"))
+    largest = max(v.size for v in weights.values()) * 4
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    convert_module.verify_component(source, out, "transformer", Quantization())
+    assert mx.get_peak_memory() < 3 * largest, (mx.get_peak_memory(), largest)
+
+
+def test_verification_catches_a_wrong_conversion(source, tmp_path, monkeypatch):
+    """A conversion whose codes are not the source's (here: every quantized weight negated) is refused and leaves
+    no output."""
+    from mlximg.quant import format as format_module
+
+    original = format_module.Quantization.quantize
+    monkeypatch.setattr(format_module.Quantization, "quantize", lambda self, w: original(self, -w))
+    with pytest.raises(ValueError, match="differs from the source by"):
+        convert(source, tmp_path / "out", log=quiet)
+    assert not (tmp_path / "out").exists()
