@@ -5,8 +5,8 @@ model's configs and safetensors headers alone: a local folder's, or a Hugging Fa
 The phases are the pipeline's: encode (the text encoder alone, released afterwards), denoise (the transformer),
 decode (the transformer, still loaded, and the VAE). Weights are counted at the compute width, quantized layers
 at their mode's bytes (as they stay in memory on a Mac, or on the CPU with fp8="layerwise"). Activations:
-encode, the text encoder's hidden states for 512 tokens; denoise, one block's working set for the batch (with
-classifier-free guidance twice); decode, five full-resolution tensors of the VAE decoder's last width (the
+encode, the text encoder's hidden states for 512 tokens; denoise, one block's working set per token for the
+batch (with classifier-free guidance twice); decode, five full-resolution tensors of the VAE decoder's last width (the
 measured peak of MLX's decoder), or of 512-px tiles when tiled.
 """
 
@@ -24,7 +24,10 @@ MEMORY_SIZES_GB = (8, 16, 24, 32, 48, 64, 96, 128)
 USABLE_SHARE = 0.75
 TEXT_TOKENS = 512
 DECODE_TENSORS = 5
-BLOCK_TENSORS = 8  # residual stream, q / k / v, attention output, MLP hidden units (x2: gate and value), ...
+BLOCK_TENSORS = 8  # Z-Image: residual stream, modulated input, q / k / v, attention output, ...
+# FLUX.2's single-stream block per token: its fused projection (q, k, v and the MLP's 2 x 3 dim: 9 dim) and what
+# follows it; fitted to the measured peaks of the mid klein (docs/MEASUREMENTS.md).
+FLUX2_TOKEN_WIDTHS = 24
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "U32": 4, "U8": 1, "I8": 1, "I32": 4,
                 "I64": 8}
 
@@ -71,11 +74,11 @@ def _block_activations(family: str, transformer: dict, width: int, height: int, 
     tokens = (width // scale) * (height // scale) + TEXT_TOKENS
     if family == "flux2":
         dim = transformer.get("num_attention_heads", 48) * transformer.get("attention_head_dim", 128)
-        hidden = dim * transformer.get("mlp_ratio", 3.0)
+        widths = FLUX2_TOKEN_WIDTHS * dim
     else:
         dim = transformer.get("dim", 3840)
-        hidden = dim * 8 / 3
-    return int(batch * tokens * (BLOCK_TENSORS * dim + 2 * hidden) * compute_bytes)
+        widths = BLOCK_TENSORS * dim + 2 * dim * 8 / 3  # and the SwiGLU's two hidden halves
+    return int(batch * tokens * widths * compute_bytes)
 
 
 def plan(folder: Path, family: str, *, width: int, height: int, num_images: int = 1, cfg: bool = False,

@@ -1,0 +1,132 @@
+"""Z-Image-Turbo at its real size on this machine: the released configuration (6.15B-parameter transformer, Qwen3-4B
+text encoder, the FLUX.1 VAE) with random bfloat16 weights in the real folder layout, built once (about 20 GB,
+tensor by tensor, never the whole model in memory), quantized to 4 bits with `mlximg quantize`, then generated at
+512x512 with the weights kept quantized in memory (fp8="layerwise"): per-phase seconds and MLX peak memory, the
+process's peak RSS, and the memory planner's prediction beside them.
+
+    python scripts/real_size.py [--folder /tmp/mlximg-zimage-real] [--mode affine4] [--steps 2] [--size 512]
+"""
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TRANSFORMER = {}  # diffusers' ZImageTransformer2DModel defaults are the released configuration
+QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0,
+                rms_norm_eps=1e-6, tie_word_embeddings=True)
+SHARD_BYTES = 2 * 2**30
+
+
+def write_random(folder: Path, shapes: dict[str, tuple[int, ...]], prefix: str, index_name: str) -> None:
+    """Random N(0, 0.02) bfloat16 tensors of `shapes` in ~2 GiB shards with an index, one shard in memory."""
+    import torch
+    from safetensors.torch import save_file
+
+    groups, size = [[]], 0
+    for key, shape in shapes.items():  # plan the shards first: their names carry the count
+        if size >= SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += math.prod(shape) * 2
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for i, keys in enumerate(groups):
+        name = f"{prefix}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {key: (torch.randn(shapes[key], generator=generator) * 0.02).to(torch.bfloat16) for key in keys}
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in keys})
+        del shard
+    (folder / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def build(folder: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from random_models import FLUX1_VAE, qwen3_tokenizer
+    from transformers import Qwen3Config, Qwen3Model
+
+    folder.mkdir(parents=True)
+    tokenizer = qwen3_tokenizer()
+    tokenizer.save_pretrained(folder / "tokenizer")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
+    with torch.device("meta"):
+        transformer = ZImageTransformer2DModel(**TRANSFORMER)
+        encoder = Qwen3Model(Qwen3Config(vocab_size=len(tokenizer), **QWEN3_4B))
+    transformer.save_config(folder / "transformer")
+    write_random(folder / "transformer", {k: tuple(v.shape) for k, v in transformer.state_dict().items()},
+                 "diffusion_pytorch_model", "diffusion_pytorch_model.safetensors.index.json")
+    (folder / "text_encoder").mkdir()
+    encoder.config.save_pretrained(folder / "text_encoder")
+    write_random(folder / "text_encoder", {k: tuple(v.shape) for k, v in encoder.state_dict().items()}, "model",
+                 "model.safetensors.index.json")
+    torch.manual_seed(0)
+    AutoencoderKL(**FLUX1_VAE).to(torch.bfloat16).save_pretrained(folder / "vae")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "ZImagePipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen3Model"], "tokenizer": ["transformers", "Qwen2TokenizerFast"],
+        "transformer": ["diffusers", "ZImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}))
+
+
+def run(folder: Path, size: int, steps: int) -> None:
+    """In a child process: one generation, its phases and the process's peak RSS as JSON."""
+    import mlximg
+
+    start = time.perf_counter()
+    pipeline = mlximg.load(str(folder), fp8="layerwise")
+    load = time.perf_counter() - start
+    pipeline.generate("a lighthouse on a cliff at dusk", width=size, height=size, steps=steps, guidance=0.0, seed=0)
+    phases = {r.name: {"seconds": r.seconds, "peak": r.peak} for r in pipeline.phases.records}
+    print(json.dumps({"load": load, "phases": phases, "weights": pipeline.tracker.nbytes(),
+                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/mlximg-zimage-real"))
+    parser.add_argument("--mode", default="affine4", help="the weight mode of both transformer and text encoder")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        return run(args.run, args.size, args.steps)
+    import mlximg  # noqa: F401
+    from mlximg.planner import plan
+    from mlximg.quant.convert import convert
+    from mlximg.quant.format import Quantization
+
+    if not (args.folder / "model_index.json").exists():
+        start = time.perf_counter()
+        build(args.folder)
+        print(f"built {args.folder} in {time.perf_counter() - start:.0f} s", flush=True)
+    quantized = args.folder.with_name(f"{args.folder.name}-{args.mode}")
+    if not (quantized / "model_index.json").exists():
+        start = time.perf_counter()
+        convert(args.folder, quantized, text_encoder=True, quantization=Quantization.named(args.mode))
+        print(f"quantized in {time.perf_counter() - start:.0f} s", flush=True)
+    out = subprocess.run([sys.executable, __file__, f"--run={quantized}", f"--size={args.size}",
+                          f"--steps={args.steps}"], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(out.stderr[-3000:])
+    result = json.loads(out.stdout.splitlines()[-1])
+    planned = {p.name: p.peak for p in plan(quantized, "zimage", width=args.size, height=args.size, compute_bytes=4)}
+    print(f"Z-Image-Turbo real size, random weights, {args.mode} (layerwise), {args.size}x{args.size}, "
+          f"{args.steps} steps, float32 compute; load {result['load']:.1f} s; kept weights "
+          f"{result['weights'] / 2**30:.2f} GiB; process peak RSS {result['rss'] / 2**30:.2f} GiB")
+    print(f"{'phase':<10}{'seconds':>9}{'peak GiB':>10}{'planned GiB':>13}")
+    for name, phase in result["phases"].items():
+        seconds = phase["seconds"] / (args.steps if name == "denoise" else 1)
+        label = f"{name} (/step)" if name == "denoise" else name
+        print(f"{label:<16}{seconds:>9.1f}{phase['peak'] / 2**30:>10.2f}"
+              f"{planned.get(name, 0) / 2**30:>13.2f}")
+
+
+if __name__ == "__main__":
+    main()
