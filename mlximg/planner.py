@@ -28,8 +28,8 @@ BLOCK_TENSORS = 8  # Z-Image: residual stream, modulated input, q / k / v, atten
 # FLUX.2's single-stream block per token: its fused projection (q, k, v and the MLP's 2 x 3 dim: 9 dim) and what
 # follows it; fitted to the measured peaks of the mid klein (docs/MEASUREMENTS.md).
 FLUX2_TOKEN_WIDTHS = 24
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "U32": 4, "U8": 1, "I8": 1, "I32": 4,
-                "I64": 8}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "U32": 4, "U8": 1, "I8": 1, "I32": 4,
+               "I64": 8}
 
 
 @dataclass
@@ -43,7 +43,8 @@ class Phase:
         return self.weights + self.activations
 
 
-def component_bytes(headers: list[dict], policy, quantization: Quantization | None, compute_bytes: int) -> int:
+def component_bytes(headers: list[dict], compute_bytes: int, policy=None,
+                    quantization: Quantization | None = None) -> int:
     """A component's weights in memory from its safetensors headers: float tensors at the compute width (or, for
     the layers `quantization` takes, at its bytes), packed tensors as stored."""
     total = 0
@@ -54,7 +55,7 @@ def component_bytes(headers: list[dict], policy, quantization: Quantization | No
             count = math.prod(entry["shape"])
             layer = key.removesuffix(".weight")
             if not entry["dtype"].startswith(("F", "BF")):
-                total += count * _DTYPE_BYTES.get(entry["dtype"], 4)
+                total += count * DTYPE_BYTES.get(entry["dtype"], 4)
             elif (quantization is not None and key.endswith(".weight")
                   and quantizable(layer, tuple(entry["shape"]), policy, quantization.group_size)):
                 total += quantization.stored_bytes(count, compute_bytes)
@@ -63,7 +64,8 @@ def component_bytes(headers: list[dict], policy, quantization: Quantization | No
     return total
 
 
-def _local_headers(folder: Path) -> list[dict]:
+def headers(folder: Path) -> list[dict]:
+    """The safetensors headers of a component folder."""
     from .loading import check_safetensors
 
     return [check_safetensors(path) for path in weight_files(folder)]
@@ -83,17 +85,16 @@ def _block_activations(family: str, transformer: dict, width: int, height: int, 
 
 def plan(folder: Path, family: str, *, width: int, height: int, num_images: int = 1, cfg: bool = False,
          quantize: str | None = None, text_encoder_quantize: str | None = None, compute_bytes: int = 2,
-         tiled_decode: bool = False, headers=_local_headers) -> list[Phase]:
-    """The phases of a run of the model in `folder` (configs read there; `headers(component_folder)` gives the
-    safetensors headers)."""
+         tiled_decode: bool = False) -> list[Phase]:
+    """The phases of a run of the model in `folder` (its configs and safetensors headers)."""
     folder = Path(folder)
     modes = {"transformer": quantize, "text_encoder": text_encoder_quantize, "vae": None}
     weights = {}
     for name, mode in modes.items():
         config = read_config(folder / name)
         quantization = Quantization.from_config(config) or (Quantization.named(mode) if mode else None)
-        weights[name] = component_bytes(headers(folder / name), layer_policy(name, config), quantization,
-                                        compute_bytes)
+        weights[name] = component_bytes(headers(folder / name), compute_bytes, layer_policy(name, config),
+                                        quantization)
     text = read_config(folder / "text_encoder")
     width_text = text.get("hidden_size") or (text.get("text_config") or {}).get("hidden_size", 4096)
     encode = TEXT_TOKENS * width_text * compute_bytes * 4  # one prompt's hidden states and a layer's work
@@ -116,8 +117,9 @@ def uses_cfg(folder: Path, family: str, guidance: float) -> bool:
     if family == "zimage":
         return guidance > 0
     from .loading import read_json_object
+    from .pipelines.flux2 import step_distilled
 
-    distilled = read_json_object(Path(folder) / "model_index.json").get("is_distilled", False)
+    distilled = step_distilled(read_json_object(Path(folder) / "model_index.json"))
     embedded = read_config(Path(folder) / "transformer").get("guidance_embeds", True)
     return guidance > 1 and not distilled and not embedded
 

@@ -77,6 +77,20 @@ def model_folder(cache: Path, family: str, config: dict) -> Path:
     return folder
 
 
+def denoise_seconds(pipeline, prompt: str, **settings) -> float:
+    """mlximg's denoising seconds of one run of `pipeline.steps` (iterated, not decoded: the VAE is not what the
+    scripts built on this compare)."""
+    for _ in pipeline.steps(prompt, seed=0, **settings):
+        pass
+    return pipeline.phases.get("denoise").seconds
+
+
+def step_seconds(pipeline, size: int, steps: int) -> float:
+    """Per step, for a square text-to-image run without guidance."""
+    return denoise_seconds(pipeline, "a lighthouse on a cliff at dusk", width=size, height=size, steps=steps,
+                           guidance=0.0) / steps
+
+
 def peak_rss_reset() -> int:
     """Reset this process's peak RSS (Linux clear_refs) and return the current RSS in bytes."""
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlximg  # first: on Linux it preloads OpenBLAS, which only works before mlx is imported
 import mlx.core as mx
 import numpy as np
-from bench import MID, model_folder
+from bench import MID, model_folder, step_seconds
 from mlximg.lora.layers import features, linear_layers
 
 ADAPTED = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
@@ -35,14 +35,6 @@ def write_adapter(transformer, rank: int, seed: int, path: Path) -> int:
             tensors[f"transformer.{name}.lora_B.weight"] = mx.array(rng.standard_normal((out, rank), np.float32) * 0.01)
     mx.save_safetensors(str(path), tensors)
     return len(tensors) // 2
-
-
-def step_seconds(pipeline, size: int, steps: int) -> float:
-    """Denoising time per step of one run; the steps are iterated, not decoded (the VAE is not what changes)."""
-    for _ in pipeline.steps("a lighthouse on a cliff at dusk", width=size, height=size, steps=steps, guidance=0.0,
-                            seed=0):
-        pass
-    return pipeline.phases.get("denoise").seconds / steps
 
 
 def main() -> None:

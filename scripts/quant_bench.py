@@ -10,14 +10,7 @@ import statistics
 from pathlib import Path
 
 import mlximg  # first: on Linux it preloads OpenBLAS, which only works before mlx is imported
-from bench import MID, model_folder
-
-
-def step_seconds(pipeline, size: int, steps: int) -> float:
-    for _ in pipeline.steps("a lighthouse on a cliff at dusk", width=size, height=size, steps=steps, guidance=0.0,
-                            seed=0):
-        pass
-    return pipeline.phases.get("denoise").seconds / steps
+from bench import MID, model_folder, step_seconds
 
 
 def main() -> None:

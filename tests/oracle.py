@@ -132,6 +132,18 @@ def assert_image_within_reference(ours, expected, low_expected, what: str = "ima
     return ours_error
 
 
+def assert_image_matches(ours, expected, low_expected=None, what: str = "image") -> None:
+    """A pipeline image against diffusers': float32 within 1/255 per pixel; Mac pass (`low_expected`, diffusers-bf16's
+    image) within diffusers-bf16's own error against float32. A flat image would match trivially, so it fails."""
+    assert ours.shape == expected.shape, (ours.shape, expected.shape)
+    if low_expected is not None:
+        assert_image_within_reference(ours, expected, low_expected, what)
+    else:
+        difference = np.abs(ours - expected)
+        assert difference.max() <= 1, f"{what}: max pixel difference {difference.max()}"
+    assert ours.std() > 5, "a flat image would match trivially"
+
+
 def assert_tensor_within_reference(ours, expected, low_expected, what: str = "output") -> float:
     """Mac pass: the relative error against torch-float32 within torch-bf16's own, by the margin."""
     ours_error = relative_error(to_numpy(ours), expected)

@@ -44,6 +44,12 @@ def text_ids(length: int) -> np.ndarray:
     return ids
 
 
+def step_distilled(model_index: dict) -> bool:
+    """Whether a model_index.json is a step-distilled model's (no CFG): klein distilled, and the klein KV models
+    (Flux2KleinKVPipeline, whose index does not say)."""
+    return model_index.get("_class_name") == KV_PIPELINE or bool(model_index.get("is_distilled", False))
+
+
 def scaled_to_area(image, area: int = MAX_AREA):
     """An image of more than `area` pixels scaled down to about that many (Lanczos), as diffusers' klein
     pipelines do before rounding its size."""
@@ -61,6 +67,8 @@ class Flux2Pipeline(Pipeline):
 
     def __init__(self, model_dir, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False,
                  text_encoder=None, **options):
+        if text_encoder is not None:  # resolved once here (a repo id may download); the base takes the folder
+            text_encoder = text_encoder_folder(model_dir, text_encoder)
         own = read_config(Path(model_dir) / "text_encoder") if (Path(model_dir) / "text_encoder").is_dir() else {}
         # klein takes Qwen3, dev Mistral3: a text encoder from elsewhere keeps the model's own kind.
         self.encoder_type = own.get("model_type") or read_config(
@@ -74,9 +82,9 @@ class Flux2Pipeline(Pipeline):
         # Noise channels: the VAE's latent channels x a 2x2 patch (128 for the released models).
         self.latent_channels = int(transformer_config.get("in_channels", 128))
         index = read_json_object(self.model_dir / "model_index.json")
-        # klein KV models (Flux2KleinKVPipeline) keep the references' keys and values; they are step-distilled.
+        # klein KV models (Flux2KleinKVPipeline) keep the references' keys and values.
         self.kv = index.get("_class_name") == KV_PIPELINE
-        self.is_distilled = self.kv or bool(index.get("is_distilled", False))
+        self.is_distilled = step_distilled(index)
         self.max_references = self.defaults.get("max_references", MAX_REFERENCES[self.encoder_type])
 
     def _load_text_encoder(self):

@@ -2,18 +2,17 @@
 heavy import): the multiple image sides must be of, the largest image, and a lower bound of a run's peak memory,
 checked against this machine's memory before any work."""
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..loading import check_safetensors, read_config, weight_files
+from ..loading import read_config
+from ..planner import component_bytes, headers
 
 MAX_STEPS = 1000  # the schedulers' training timesteps; more steps only repeat sigmas
 # Black Forest Labs document FLUX.2 output up to 4 megapixels.
 FLUX2_MAX_PIXELS = 4 * 2**20
 FLUX2_PIXELS_PER_TOKEN = 16  # the VAE's 8x and a 2x2 patch
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "U32": 4, "U8": 1, "I8": 1, "I32": 4, "I64": 8}
 
 
 @dataclass(frozen=True)
@@ -58,24 +57,12 @@ def machine_memory() -> int | None:
         return None
 
 
-def _tensor_bytes(folder: Path, compute_bytes: int) -> int:
-    """A component's weights in memory: floating tensors at the compute width, packed ones as stored."""
-    total = 0
-    for path in weight_files(folder):
-        for key, entry in check_safetensors(path).items():
-            if key == "__metadata__":
-                continue
-            count = math.prod(entry["shape"])
-            floating = entry["dtype"].startswith(("F", "BF"))
-            total += count * (compute_bytes if floating else _DTYPE_BYTES.get(entry["dtype"], 4))
-    return total
-
-
 def estimate_peak_memory(family: str, model_dir: Path, width: int, height: int, batch: int, compute_bytes: int,
                          tiled_decode: bool = False) -> int:
     """A lower bound of a run's peak bytes: the transformer's and VAE's weights, plus the larger of one block's
     activations and the VAE decoder's full-resolution activations (the text encoder is gone by then)."""
-    weights = sum(_tensor_bytes(Path(model_dir) / name, compute_bytes) for name in ("transformer", "vae"))
+    # Floating tensors at the compute width, packed ones as stored.
+    weights = sum(component_bytes(headers(Path(model_dir) / name), compute_bytes) for name in ("transformer", "vae"))
     transformer = read_config(Path(model_dir) / "transformer")
     if family == "flux2":
         tokens = (width // FLUX2_PIXELS_PER_TOKEN) * (height // FLUX2_PIXELS_PER_TOKEN) + 512
