@@ -256,6 +256,58 @@ def _add_plan(commands) -> None:
     p.set_defaults(run=_plan)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from .server import serve
+        from .server.app import ServerSettings
+    except ImportError as error:
+        raise ValueError(f"mlximg serve needs FastAPI and uvicorn ({error.name} is missing): "
+                         "pip install 'mlximg[serve]'") from None
+    from .api import check_arguments
+    from .pipelines.limits import machine_memory
+
+    for model in args.model:  # a typo is named now, not on the first request
+        check_arguments(model)
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise FileNotFoundError(f"--lora-dir {args.lora_dir} is not a folder")
+    budget = args.memory_budget * 2**30 if args.memory_budget else int((machine_memory() or 16 * 2**30) * 0.6)
+    load_options = {key: value for key, value in (("quantize", args.quantize), ("fp8", args.fp8),
+                                                  ("text_encoder_quantize", args.text_encoder_quantize)) if value}
+    settings = ServerSettings(
+        models=args.model, api_key=args.api_key or os.environ.get("MLXIMG_API_KEY") or None,
+        max_queue=args.max_queue, memory_budget=budget, timeout=args.timeout or None,
+        max_body=int(args.max_body_mb * 2**20), url_ttl=args.url_ttl, lora_dir=args.lora_dir,
+        load_options=load_options)
+    serve(settings, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _add_serve(commands) -> None:
+    p = commands.add_parser("serve", help="an OpenAI-compatible image server that keeps models loaded")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", "-m", action="append", default=[],
+                   help="load this model at start (repeat for several; the first is the default); every model "
+                        "name (models/*.json) is served, loading on its first request")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: MLXIMG_API_KEY, else none)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this are answered 429")
+    p.add_argument("--memory-budget", type=float, metavar="GB",
+                   help="model weights kept loaded; least recently used models close beyond it (default: 60%% "
+                        "of the machine's memory)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds a request may take, queue included (0: none)")
+    p.add_argument("--max-body-mb", type=float, default=64, help="larger request bodies are answered 413")
+    p.add_argument("--url-ttl", type=float, default=3600, help="seconds images answered as url stay available")
+    p.add_argument("--lora-dir", type=Path, help="a folder of LoRA files that requests may name in 'loras'")
+    p.add_argument("--quantize", choices=list(NAMES), help="quantize every transformer at load")
+    p.add_argument("--text-encoder", choices=list(NAMES), dest="text_encoder_quantize", metavar="MODE",
+                   help="quantize every text encoder at load")
+    p.add_argument("--fp8", choices=list(PATHS), help="how quantized weights run")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(run=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlximg", description="Diffusion-transformer image generation on MLX.")
     parser.add_argument("--version", action="version", version=f"mlximg {__version__}")
@@ -264,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_quantize(commands)
     _add_plan(commands)
+    _add_serve(commands)
     return parser
 
 

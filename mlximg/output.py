@@ -41,7 +41,7 @@ def _umask() -> int:
     return mask
 
 
-def _save_options(image, image_format: str) -> dict:
+def _save_options(image, image_format: str, quality: int = QUALITY) -> dict:
     parameters = image.info.get("parameters", {})
     if image_format == "PNG":
         from PIL.PngImagePlugin import PngInfo
@@ -55,7 +55,12 @@ def _save_options(image, image_format: str) -> dict:
 
     exif = Image.Exif()
     exif[_DESCRIPTION_TAG] = json.dumps(parameters)
-    return {"exif": exif, "quality": QUALITY}
+    return {"exif": exif, "quality": quality}
+
+
+def write_image(image, file, image_format_name: str, quality: int = QUALITY) -> None:
+    """Write `image` to an open binary file in "PNG", "JPEG" or "WEBP" (at `quality`), with its parameters."""
+    image.save(file, format=image_format_name, **_save_options(image, image_format_name, quality))
 
 
 def save_image(image, path: Path) -> Path:
@@ -65,7 +70,7 @@ def save_image(image, path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format=image_format_name, **_save_options(image, image_format_name))
+            write_image(image, f, image_format_name)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600)
         os.replace(tmp, path)
     except BaseException:

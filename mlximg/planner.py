@@ -85,17 +85,20 @@ def _block_activations(family: str, transformer: dict, width: int, height: int, 
 
 def plan(folder: Path, family: str, *, width: int, height: int, num_images: int = 1, cfg: bool = False,
          quantize: str | None = None, text_encoder_quantize: str | None = None, compute_bytes: int = 2,
-         tiled_decode: bool = False) -> list[Phase]:
-    """The phases of a run of the model in `folder` (its configs and safetensors headers)."""
+         tiled_decode: bool = False, text_encoder_dir: Path | None = None) -> list[Phase]:
+    """The phases of a run of the model in `folder` (its configs and safetensors headers); `text_encoder_dir`:
+    where its text encoder comes from, if not `folder`."""
     folder = Path(folder)
     modes = {"transformer": quantize, "text_encoder": text_encoder_quantize, "vae": None}
+    folders = {name: folder / name for name in modes}
+    folders["text_encoder"] = Path(text_encoder_dir or folder) / "text_encoder"
     weights = {}
     for name, mode in modes.items():
-        config = read_config(folder / name)
+        config = read_config(folders[name])
         quantization = Quantization.from_config(config) or (Quantization.named(mode) if mode else None)
-        weights[name] = component_bytes(headers(folder / name), compute_bytes, layer_policy(name, config),
+        weights[name] = component_bytes(headers(folders[name]), compute_bytes, layer_policy(name, config),
                                         quantization)
-    text = read_config(folder / "text_encoder")
+    text = read_config(folders["text_encoder"])
     width_text = text.get("hidden_size") or (text.get("text_config") or {}).get("hidden_size", 4096)
     encode = TEXT_TOKENS * width_text * compute_bytes * 4  # one prompt's hidden states and a layer's work
     vae = read_config(folder / "vae")

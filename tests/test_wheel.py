@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 from PIL import Image
@@ -28,6 +29,11 @@ def test_the_wheel_installs_and_generates_with_the_embedded_model(tmp_path):
     run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist",
         source, cwd=tmp_path)
     (wheel,) = (tmp_path / "dist").glob("mlximg-*.whl")
+    # Every module ships: an editable install's import hook would hide a missing package in the run below.
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = set(archive.namelist())
+    modules = {str(path.relative_to(ROOT)) for path in (ROOT / "mlximg").rglob("*.py")}
+    assert modules <= shipped, sorted(modules - shipped)
     venv.create(tmp_path / "env", system_site_packages=True, with_pip=True)
     python = tmp_path / "env" / "bin" / "python"
     run(python, "-m", "pip", "install", "--no-deps", "-q", wheel)

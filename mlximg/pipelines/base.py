@@ -178,6 +178,13 @@ class Pipeline:
         del self.loaded[name]
         return self.tracker.release(name)
 
+    def close(self) -> int:
+        """Release everything this pipeline keeps (components, adapters, caches) now; returns the bytes. A closed
+        pipeline is not used again (a server drops it and loads the model anew)."""
+        with self.lock:
+            self.loaded.clear()
+            return sum(self.tracker.release(owner) for owner in list(self.tracker.owners()))
+
     def set_loras(self, loras) -> list[dict]:
         """Apply exactly these adapters to the transformer from now on: each a path (a .safetensors file, a folder
         or "owner/repo[/file.safetensors]"), a (path, scale) pair or a mlximg.LoRA; [] takes them all off. A
