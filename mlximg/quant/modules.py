@@ -13,8 +13,12 @@ class LayerwiseLinear(nn.QuantizedLinear):
     only one layer's float weight exists at a time."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        weight = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                               bits=self.bits, mode=self.mode, dtype=x.dtype)
+        # Without the dependency on x, MLX's scheduler dequantizes many layers' weights ahead of their matmuls
+        # (they depend on nothing computed), holding several float copies at once.
+        packed = [self[name] for name in ("weight", "scales", "biases") if name in self]
+        codes, scales, *biases = mx.depends(packed, [x])
+        weight = mx.dequantize(codes, scales, *biases, group_size=self.group_size, bits=self.bits, mode=self.mode,
+                               dtype=x.dtype)
         y = x @ weight.T
         return y + self["bias"] if "bias" in self else y
 
