@@ -1,6 +1,7 @@
 """What `mlximg serve` costs and saves, in one run on this machine: the server's overhead per image against a
 direct `pipeline.generate` call (same model, size, steps and seeds; the server in its own process, called with
-the official openai client), the throughput of a warm server against the CLI loading the model for every image,
+the official openai client, its calls interleaved with the direct ones so that both see the same machine: run
+to run, this 2-core VM's times vary by 30%), the throughput of a warm server against the CLI loading the model for every image,
 and the server's memory across 50 requests.
 
     python scripts/serve_bench.py [--model z-image-digits] [--size 32] [--steps 20] [--repeats 20] [--cli-runs 5]
@@ -43,13 +44,10 @@ def start_server(model: str, log: Path) -> tuple[subprocess.Popen, str]:
     sys.exit("the server did not start")
 
 
-def median_seconds(function, repeats: int) -> float:
-    times = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        function(i)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -68,8 +66,6 @@ def main() -> None:
     prompt, settings = "a handwritten seven", dict(width=args.size, height=args.size, steps=args.steps)
     pipeline = mlximg.load(args.model)
     pipeline.generate(prompt, seed=0, **settings)  # loaded and warm, as the server is after its first request
-    direct = median_seconds(lambda i: pipeline.generate(prompt, seed=i, **settings), args.repeats)
-    pipeline.close()
 
     folder = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     process, url = start_server(args.model, folder / "server.log")
@@ -82,7 +78,10 @@ def main() -> None:
             base64.b64decode(response.data[0].b64_json)
 
         served(0)
-        server = median_seconds(served, args.repeats)
+        pairs = [(seconds(lambda: pipeline.generate(prompt, seed=i, **settings)), seconds(lambda: served(i)))
+                 for i in range(args.repeats)]
+        direct, server = (statistics.median(times) for times in zip(*pairs))
+        overhead = statistics.median(b - a for a, b in pairs)
         before = httpx.get(f"{url}/v1/server").json()["memory"]
         for i in range(50):
             served(i)
@@ -97,12 +96,12 @@ def main() -> None:
                         "-o", str(folder / f"cli-{i}.png")], check=True, capture_output=True,
                        env={**os.environ, "TQDM_DISABLE": "1"})
 
-    per_cli_image = median_seconds(cli, args.cli_runs)
+    per_cli_image = statistics.median(seconds(lambda: cli(i)) for i in range(args.cli_runs))
     print(f"{args.model}, {args.size}x{args.size}, {args.steps} steps, one image per call; medians of "
           f"{args.repeats} calls (CLI: {args.cli_runs} runs)")
     print(f"direct pipeline.generate  {direct * 1000:8.1f} ms")
-    print(f"server (openai client)    {server * 1000:8.1f} ms   overhead {1000 * (server - direct):+.1f} ms "
-          f"({server / direct:.2f}x)")
+    print(f"server (openai client)    {server * 1000:8.1f} ms   overhead {1000 * overhead:+.1f} ms per image "
+          f"(median of the pairs' differences; {server / direct:.2f}x)")
     print(f"CLI, loading every time   {per_cli_image * 1000:8.1f} ms   ({per_cli_image / server:.1f}x the warm "
           f"server's time: {60 / server:.0f} vs {60 / per_cli_image:.0f} images a minute)")
     print(f"50 requests: RSS {before['rss'] / 2**20:.1f} -> {after['rss'] / 2**20:.1f} MiB, MLX active "

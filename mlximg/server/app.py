@@ -73,6 +73,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def status():
         running = worker.running
         return {"queue": {"waiting": worker.waiting, "max": worker.max_queue,
+                          "seconds_per_job": round(worker.seconds_per_job, 4),
                           "running": None if running is None else {"model": running.model,
                                                                    "step": running.steps_run}},
                 "jobs": dict(worker.counts), "models": pool.resident(), "models_closed": pool.closed,
