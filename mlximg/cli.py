@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .distributed import PeerLost
 from .manifests import DEFAULT_MODEL
 from .quant.execution import PATHS
 from .quant.format import MODES, NAMES
@@ -53,14 +54,22 @@ def _generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from .api import check_arguments, load
+    from .distributed import agree, world
     from .lora import parse_cli_lora
     from .lora.source import locate
     from .output import check_output_path, save_image
     from .pipelines.init_image import open_init_image
 
     start = time.perf_counter()
-    # Seeds are fixed here, so that every file name is known and checked before any work.
+    group = world() if args.distributed else None
+    if args.distributed and group is None:
+        raise ValueError(f"--distributed {args.distributed} needs several processes: start them with mlx.launch "
+                         "(mlx.launch -n 2 --backend ring -- mlximg generate ...)")
+    writer = group is None or group.rank() == 0  # one rank writes the files and prints the summary
+    # Seeds are fixed here, so that every file name is known and checked before any work; drawn on rank 0.
     seeds = args.seed or [secrets.randbits(32)]
+    if group is not None and not args.seed:
+        seeds = agree(seeds, group)
     count = args.num_images if args.num_images is not None else len(seeds)
     if len(seeds) == 1 and count > 1:
         seeds = [seeds[0] + i for i in range(count)]
@@ -69,9 +78,10 @@ def _generate(args: argparse.Namespace) -> int:
     check_arguments(args.model, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
                     seed=seeds)
     paths = output_paths(args.output, seeds)
-    for path in paths:
-        check_output_path(path)
-    if args.stepwise is not None:
+    if writer:
+        for path in paths:
+            check_output_path(path)
+    if args.stepwise is not None and writer:
         args.stepwise.mkdir(exist_ok=True)
         check_output_path(args.stepwise / "step-001.png")
     # Model-specific options go through only when given, so each pipeline sees the ones it has.
@@ -85,15 +95,19 @@ def _generate(args: argparse.Namespace) -> int:
     for lora in loras:  # a missing file is named before anything loads
         locate(lora.path)
     pipeline = load(args.model, quantize=args.quantize, fp8=args.fp8, loras=loras,
-                    text_encoder_quantize=args.text_encoder_quantize, text_encoder=args.text_encoder_model)
+                    text_encoder_quantize=args.text_encoder_quantize, text_encoder=args.text_encoder_model,
+                    distributed="tensor" if args.distributed == "tensor" else None)
     for adapter in pipeline.adapters.report():
         print(f"lora {adapter['name']}: scale {adapter['scale']:g}, {adapter['layers']} layers")
-    callback = preview_writer(pipeline, args.stepwise, seeds) if args.stepwise is not None else None
-    images = pipeline.generate(
-        args.prompt, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
-        negative_prompt=args.negative_prompt, seed=seeds, progress=True, callback=callback,
-        **_cache_options(args), **options,
-    )
+    previews = preview_writer(pipeline, args.stepwise, seeds) if args.stepwise is not None and writer else None
+    settings = dict(width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
+                    negative_prompt=args.negative_prompt, progress=writer, **_cache_options(args), **options)
+    images = _run(pipeline, args, group, seeds, previews, settings)
+    if group is not None:
+        print(f"rank {group.rank()} of {group.size()}: kept weights {pipeline.tracker.nbytes() / 2**20:.2f} MiB "
+              f"({', '.join(f'{k} {v / 2**20:.2f}' for k, v in pipeline.tracker.owners().items())})", flush=True)
+    if not writer:
+        return 0
     for image, path in zip(images, paths):
         save_image(image, path)
     print(pipeline.phases.table())
@@ -102,6 +116,31 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"wrote {names} in {time.perf_counter() - start:.1f} s (seed{'s' * (len(seeds) > 1)} "
           f"{', '.join(map(str, seeds))})")
     return 0
+
+
+def _run(pipeline, args: argparse.Namespace, group, seeds: list[int], previews, settings: dict) -> list:
+    """The images, made by this process alone, by every rank together (tensor) or shared out (data); a lost
+    peer becomes one clear error, and a silent one ends the run after --peer-timeout."""
+    if group is None:
+        return pipeline.generate(args.prompt, seed=seeds, callback=previews, **settings)
+    from .distributed import PeerLost
+    from .distributed.data import generate_shared
+    from .distributed.watchdog import Watchdog
+
+    with Watchdog(args.peer_timeout, group.rank()) as watchdog:
+        def callback(step, steps, latents):
+            watchdog.tick()
+            if previews is not None:
+                previews(step, steps, latents)
+
+        try:
+            if args.distributed == "data":
+                return generate_shared(pipeline, args.prompt, seeds, group, callback=callback, **settings)
+            return pipeline.generate(args.prompt, seed=seeds, callback=callback, **settings)
+        except RuntimeError as error:
+            if str(error).startswith("["):  # MLX's backends name themselves: "[ring] connection to a peer was lost"
+                raise PeerLost(f"rank {group.rank()}: another rank is gone ({error})") from None
+            raise
 
 
 def _cache_options(args: argparse.Namespace) -> dict:
@@ -172,6 +211,11 @@ def _add_generate(commands) -> None:
                         "a {seed} in the name")
     p.add_argument("--stepwise", type=Path, metavar="DIR",
                    help="write a decoded preview of every step into DIR (step-001.png, ...)")
+    p.add_argument("--distributed", choices=["tensor", "data"],
+                   help="under mlx.launch: tensor (each rank holds a 1/N shard of the transformer and text "
+                        "encoder) or data (each rank a whole model and its share of the images); rank 0 writes")
+    p.add_argument("--peer-timeout", type=float, default=600,
+                   help="with --distributed: stop when no step finishes in this many seconds (default 600)")
     p.set_defaults(run=_generate)
 
 
@@ -216,7 +260,8 @@ def _plan(args: argparse.Namespace) -> int:
     phases = plan(folder, manifest.family, width=width, height=height, num_images=args.num_images,
                   cfg=uses_cfg(folder, manifest.family, guidance),
                   quantize=args.quantize, text_encoder_quantize=args.text_encoder,
-                  compute_bytes=4 if args.dtype == "float32" else 2, tiled_decode=args.tiled_decode)
+                  compute_bytes=4 if args.dtype == "float32" else 2, tiled_decode=args.tiled_decode,
+                  layerwise=args.layerwise)
     print(f"{args.model}: {width}x{height}, {args.num_images} image(s), {args.dtype}"
           f"{', transformer ' + args.quantize if args.quantize else ''}"
           f"{', text encoder ' + args.text_encoder if args.text_encoder else ''}")
@@ -253,6 +298,8 @@ def _add_plan(commands) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="the compute dtype (bfloat16 on a Mac, float32 on the CPU)")
     p.add_argument("--tiled-decode", action="store_true")
+    p.add_argument("--layerwise", action="store_true",
+                   help="quantized weights dequantized layer by layer (--fp8 layerwise, the CPU's low-memory path)")
     p.set_defaults(run=_plan)
 
 
@@ -333,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, OSError) as error:  # FileNotFoundError, FileExistsError, a full disk, ...
+    except (ValueError, OSError, PeerLost) as error:  # FileNotFoundError, FileExistsError, a full disk, ...
         parser.exit(2, f"mlximg: error: {error}\n")
     except KeyboardInterrupt:
         parser.exit(130, "mlximg: interrupted\n")

@@ -1,5 +1,5 @@
-"""What `mlximg info` reports: the backend, device, dtype policy, FP8 execution path, BLAS, CPU kernels and library
-versions."""
+"""What `mlximg info` reports: the backend, device, dtype policy, FP8 execution path, BLAS, CPU kernels, library
+versions, and this process's rank in a launched group."""
 
 import platform
 from importlib.metadata import PackageNotFoundError, version
@@ -7,6 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 import mlx.core as mx
 
 from . import __version__
+from .distributed import rank_line
 from .nn import dispatch
 from .quant.execution import fp8_execution, fp8_execution_source
 from .runtime import backend, blas_status, compute_dtype, dtype_name
@@ -46,4 +47,5 @@ def info() -> dict[str, str]:
         "fp8 path": _fp8_path(),
         "blas": blas_status() if backend() == "cpu" else f"n/a on {backend()} ({blas_status()} for CPU ops)",
         "ops": _ops(),
+        "distributed": rank_line(),
     }

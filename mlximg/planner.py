@@ -24,6 +24,9 @@ MEMORY_SIZES_GB = (8, 16, 24, 32, 48, 64, 96, 128)
 USABLE_SHARE = 0.75
 TEXT_TOKENS = 512
 DECODE_TENSORS = 5
+# The layerwise path's float copy of a layer's weight and the transposed copy its matmul makes: the stack test
+# (tests/test_quant_modes.py) measures 4.5 weights' worth for weight, copy and activations together.
+LAYERWISE_COPIES = 2
 BLOCK_TENSORS = 8  # Z-Image: residual stream, modulated input, q / k / v, attention output, ...
 # FLUX.2's single-stream block per token: its fused projection (q, k, v and the MLP's 2 x 3 dim: 9 dim) and what
 # follows it; fitted to the measured peaks of the mid klein (docs/MEASUREMENTS.md).
@@ -64,6 +67,22 @@ def component_bytes(headers: list[dict], compute_bytes: int, policy=None,
     return total
 
 
+def largest_quantized(headers: list[dict], policy, quantization: Quantization | None) -> int:
+    """Parameters of the largest weight `quantization` takes (0 without one): a quantized checkpoint's by its
+    scales (one per group), a float one's by the layers the policy quantizes."""
+    if quantization is None:
+        return 0
+    counts = [0]
+    for header in headers:
+        for key, entry in header.items():
+            if key.endswith(".scales"):
+                counts.append(math.prod(entry["shape"]) * quantization.group_size)
+            elif (key.endswith(".weight") and entry["dtype"].startswith(("F", "BF"))
+                  and quantizable(key.removesuffix(".weight"), tuple(entry["shape"]), policy, quantization.group_size)):
+                counts.append(math.prod(entry["shape"]))
+    return max(counts)
+
+
 def headers(folder: Path) -> list[dict]:
     """The safetensors headers of a component folder."""
     from .loading import check_safetensors
@@ -85,19 +104,22 @@ def _block_activations(family: str, transformer: dict, width: int, height: int, 
 
 def plan(folder: Path, family: str, *, width: int, height: int, num_images: int = 1, cfg: bool = False,
          quantize: str | None = None, text_encoder_quantize: str | None = None, compute_bytes: int = 2,
-         tiled_decode: bool = False, text_encoder_dir: Path | None = None) -> list[Phase]:
+         tiled_decode: bool = False, text_encoder_dir: Path | None = None, layerwise: bool = False) -> list[Phase]:
     """The phases of a run of the model in `folder` (its configs and safetensors headers); `text_encoder_dir`:
-    where its text encoder comes from, if not `folder`."""
+    where its text encoder comes from, if not `folder`; `layerwise`: quantized weights dequantized per layer
+    (the CPU's fp8="layerwise"), whose largest float weight and its matmul's copy add to a phase."""
     folder = Path(folder)
     modes = {"transformer": quantize, "text_encoder": text_encoder_quantize, "vae": None}
     folders = {name: folder / name for name in modes}
     folders["text_encoder"] = Path(text_encoder_dir or folder) / "text_encoder"
-    weights = {}
+    weights, transient = {}, {}
     for name, mode in modes.items():
         config = read_config(folders[name])
         quantization = Quantization.from_config(config) or (Quantization.named(mode) if mode else None)
-        weights[name] = component_bytes(headers(folders[name]), compute_bytes, layer_policy(name, config),
-                                        quantization)
+        found = headers(folders[name])
+        weights[name] = component_bytes(found, compute_bytes, layer_policy(name, config), quantization)
+        largest = largest_quantized(found, layer_policy(name, config), quantization) if layerwise else 0
+        transient[name] = LAYERWISE_COPIES * largest * compute_bytes
     text = read_config(folders["text_encoder"])
     width_text = text.get("hidden_size") or (text.get("text_config") or {}).get("hidden_size", 4096)
     encode = TEXT_TOKENS * width_text * compute_bytes * 4  # one prompt's hidden states and a layer's work
@@ -109,8 +131,8 @@ def plan(folder: Path, family: str, *, width: int, height: int, num_images: int 
     channels = (vae.get("decoder_block_out_channels") or vae.get("block_out_channels") or (128,))[0]
     pixels = min(width * height, 512 * 512) if tiled_decode else width * height
     decode = pixels * channels * compute_bytes * DECODE_TENSORS
-    return [Phase("encode", weights["text_encoder"], encode),
-            Phase("denoise", weights["transformer"], denoise),
+    return [Phase("encode", weights["text_encoder"], encode + transient["text_encoder"]),
+            Phase("denoise", weights["transformer"], denoise + transient["transformer"]),
             Phase("decode", weights["transformer"] + weights["vae"], decode)]
 
 

@@ -26,6 +26,7 @@ QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, 
                 rms_norm_eps=1e-6, tie_word_embeddings=True)
 SHARD_BYTES = 2 * 2**30
 NAMES = {"zimage": "Z-Image-Turbo", "klein": "FLUX.2-klein-4B"}
+FAMILIES = {"zimage": "zimage", "klein": "flux2"}  # the planner's names
 
 
 def write_random(folder: Path, shapes: dict[str, tuple[int, ...]], prefix: str, index_name: str) -> None:
@@ -137,7 +138,8 @@ def main() -> None:
     if out.returncode:
         sys.exit(out.stderr[-3000:])
     result = json.loads(out.stdout.splitlines()[-1])
-    planned = {p.name: p.peak for p in plan(quantized, args.family, width=args.size, height=args.size, compute_bytes=4)}
+    planned = {p.name: p.peak for p in plan(quantized, FAMILIES[args.family], width=args.size, height=args.size, compute_bytes=4,
+                                            layerwise=True)}
     print(f"{NAMES[args.family]} real size, random weights, {args.mode} (layerwise), {args.size}x{args.size}, "
           f"{args.steps} steps, float32 compute; load {result['load']:.1f} s; kept weights "
           f"{result['weights'] / 2**30:.2f} GiB; process peak RSS {result['rss'] / 2**30:.2f} GiB")

@@ -171,8 +171,9 @@ def test_reference_modes_are_converted(klein, tmp_path):
     assert image.size == (32, 32)
 
 
-def build_dev(folder: Path):
-    """FLUX.2 [dev]: a tiny Mistral3 text encoder (31 layers, for hidden states 10/20/30), guidance embedding."""
+def build_dev(folder: Path, text_heads: tuple[int, int] = (2, 1)):
+    """FLUX.2 [dev]: a tiny Mistral3 text encoder (31 layers, for hidden states 10/20/30; `text_heads`: its query
+    and key-value heads), guidance embedding."""
     torch = require_oracle()
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline as Reference
     from diffusers import Flux2Transformer2DModel
@@ -182,7 +183,8 @@ def build_dev(folder: Path):
     torch.manual_seed(0)
     text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
         text_config=dict(model_type="mistral", vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=64,
-                         num_hidden_layers=31, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         num_hidden_layers=31, num_attention_heads=text_heads[0],
+                         num_key_value_heads=text_heads[1], head_dim=16,
                          rope_theta=1e9, sliding_window=None, rms_norm_eps=1e-5, tie_word_embeddings=False),
         vision_config=dict(model_type="pixtral", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                            head_dim=16, intermediate_size=64, image_size=28, patch_size=14),

@@ -15,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..configs import checked
+from ..distributed.tensor import TensorPlan
 from .lm_kernels import PaddedCausalMask, decoder_layer, mlp
 
 
@@ -106,6 +107,18 @@ class DecoderHiddenStates(nn.Module):
     @property
     def num_layers(self) -> int:
         return len(self.model.layers)
+
+    def tensor_parallel_plan(self) -> TensorPlan:
+        """mlx-lm's decoder layers as mlx-lm shards them: q, k, v and the MLP's gate and up split by heads and hidden
+        units, o_proj and down_proj reduced."""
+        plan = TensorPlan()
+        for i in range(self.num_layers):
+            layer = f"model.layers.{i}"
+            plan.columns(*(f"{layer}.self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj")),
+                         f"{layer}.mlp.gate_proj", f"{layer}.mlp.up_proj")
+            plan.rows(f"{layer}.self_attn.o_proj", f"{layer}.mlp.down_proj")
+            plan.divide(f"{layer}.self_attn", "n_heads", "n_kv_heads")
+        return plan
 
     def hidden_states(self, input_ids: mx.array, attention_mask: np.ndarray | mx.array | None,
                       layers: Iterable[int]) -> list[mx.array]:

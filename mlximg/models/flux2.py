@@ -16,6 +16,7 @@ import numpy as np
 from ..cache.runner import BlockRunner
 from ..configs import at_least, check_fields, from_dict
 from ..loading import load_component
+from ..distributed.tensor import TensorPlan
 from ..nn import RMSNorm, attention, layer_norm, norm_rope_heads, rope_tables, silu, silu_mul, timestep_embedding
 from ..quant.options import QuantOptions
 from .flux2_kv import LayerKV, ReferenceKV
@@ -273,6 +274,26 @@ class Flux2Transformer(nn.Module):
         self.single_transformer_blocks = [SingleTransformerBlock(args) for _ in range(args.num_single_layers)]
         self.norm_out = AdaLayerNormContinuous(dim, args.eps)
         self.proj_out = nn.Linear(dim, args.output_channels, bias=False)
+
+    def tensor_parallel_plan(self) -> TensorPlan:
+        """Heads and SwiGLU hidden units shared out across ranks (mlximg.distributed): the double blocks' image
+        and text projections, and the single blocks' fused [q, k, v, gate, value] input and [attention, MLP]
+        output, segment by segment."""
+        plan = TensorPlan()
+        for i in range(len(self.transformer_blocks)):
+            block = f"transformer_blocks.{i}"
+            plan.columns(*(f"{block}.attn.{name}" for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
+                                                                 "add_v_proj")))
+            plan.rows(f"{block}.attn.to_out.0", f"{block}.attn.to_add_out", f"{block}.ff.linear_out",
+                      f"{block}.ff_context.linear_out")
+            plan.columns(f"{block}.ff.linear_in", f"{block}.ff_context.linear_in", segments=2)
+        dim, hidden = self.args.inner_dim, self.args.mlp_hidden_dim
+        for i in range(len(self.single_transformer_blocks)):
+            attn = f"single_transformer_blocks.{i}.attn"
+            plan.columns(f"{attn}.to_qkv_mlp_proj", segments=[dim, 2 * dim, 3 * dim, 3 * dim + hidden])
+            plan.rows(f"{attn}.to_out", segments=[dim])
+            plan.divide(attn, "splits")
+        return plan
 
     @property
     def dtype(self) -> mx.Dtype:

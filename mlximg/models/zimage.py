@@ -16,6 +16,7 @@ from ..cache.runner import PLAIN, BlockRunner
 from ..configs import at_least, check_fields, from_dict
 from ..loading import load_component
 from ..quant.options import QuantOptions
+from ..distributed.tensor import TensorPlan
 from ..nn import RMSNorm, SiLU, attention, layer_norm, norm_rope_heads, rope_tables, silu_mul, timestep_embedding
 
 SEQ_MULTIPLE = 32  # every token sequence is padded to a multiple of this
@@ -189,6 +190,18 @@ class ZImageTransformer(nn.Module):
         self.x_pad_token = mx.zeros((1, dim))
         self.cap_pad_token = mx.zeros((1, dim))
         self.layers = [TransformerBlock(args, modulation=True) for _ in range(args.n_layers)]
+
+    def tensor_parallel_plan(self) -> TensorPlan:
+        """Every block's heads and SwiGLU hidden units shared out across ranks (mlximg.distributed)."""
+        plan = TensorPlan()
+        for group in ("noise_refiner", "context_refiner", "layers"):
+            for i in range(len(getattr(self, group))):
+                block = f"{group}.{i}"
+                plan.columns(*(f"{block}.attention.{name}" for name in ("to_q", "to_k", "to_v")),
+                             f"{block}.feed_forward.w1", f"{block}.feed_forward.w3")
+                plan.rows(f"{block}.attention.to_out.0", f"{block}.feed_forward.w2")
+                plan.divide(f"{block}.attention", "heads")
+        return plan
 
     def rope(self, positions: np.ndarray) -> tuple[mx.array, mx.array]:
         """Per-sample tables (B, 1, N, head_dim / 2) broadcast over heads."""

@@ -15,6 +15,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..cache import resolve_stepcache, resolve_teacache
+from ..distributed.tensor import shard_module
 from ..cache.stepcache import StepCacheConfig
 from ..cache.teacache import TeaCacheConfig
 from ..loading import check_json_files, component_dir, read_config, read_json_object
@@ -35,6 +36,22 @@ class NonFiniteError(ValueError):
 
 
 TEXT_COMPONENTS = ("text_encoder", "tokenizer")
+SHARDED = ("transformer", "text_encoder")  # what tensor parallelism splits; the VAE runs whole on every rank
+
+
+def distributed_group(mode: str | None):
+    """The process group for `mode` ("tensor" or "data"), refused outside a launched group of two or more."""
+    if mode is None:
+        return None
+    from ..distributed import MODES, world
+
+    if mode not in MODES:
+        raise ValueError(f"distributed={mode!r}: choose one of {', '.join(MODES)}")
+    group = world()
+    if group is None:
+        raise ValueError(f"distributed={mode!r} needs several processes: start them with mlx.launch "
+                         "(e.g. mlx.launch -n 2 --backend ring -- mlximg generate ...)")
+    return group
 
 
 def text_encoder_folder(model_dir: Path, text_encoder: str | Path | None) -> Path:
@@ -93,14 +110,17 @@ class Pipeline:
 
     def __init__(self, model_dir: Path, defaults: dict | None = None, dtype=None, keep_text_encoder: bool = False,
                  quantize: str | None = None, fp8: str | None = None, teacache_defaults: dict | None = None,
-                 loras=None, text_encoder_quantize: str | None = None, text_encoder=None):
+                 loras=None, text_encoder_quantize: str | None = None, text_encoder=None,
+                 distributed: str | None = None):
         """`quantize`: quantize the transformer at load (per the policy) to "fp8" (= "mxfp8"), "mxfp4", "nvfp4",
         "affine4" or "affine8"; `text_encoder_quantize`: the same for the text encoder; `fp8`: how quantized
         weights run, "matmul", "dequantize" or "layerwise" (default: MLXIMG_FP8, else by backend);
         `teacache_defaults`: the manifest's
         "teacache" entry, what `generate(teacache=True)` uses; `loras`: adapters to apply (see `set_loras`);
         `text_encoder`: take the text encoder and tokenizer from another folder, repo id or model name (its
-        architecture and width must be what the transformer takes)."""
+        architecture and width must be what the transformer takes); `distributed="tensor"`: under mlx.launch,
+        hold only this rank's shard of the transformer and text encoder ("data": a whole model per rank, the
+        images shared out by mlximg.distributed.data)."""
         self.model_dir = Path(model_dir)
         self.text_encoder_dir = text_encoder_folder(self.model_dir, text_encoder)
         for name in self.components:  # fail now, not after minutes of work
@@ -125,6 +145,8 @@ class Pipeline:
         self.lock = threading.RLock()
         self.check_components()
         self.adapters = Adapters(self.tracker)
+        self.group = distributed_group(distributed)
+        self.tensor_parallel = distributed == "tensor"
         if loras:
             self.set_loras(loras)
 
@@ -169,7 +191,10 @@ class Pipeline:
         if name not in self.loaded:
             loaded = getattr(self, f"_load_{name}")()
             # A text encoder wraps its MLX module (`.model`) with the tokenizer.
-            self.tracker.keep(loaded.model if name == "text_encoder" else loaded, owner=name)
+            module = loaded.model if name == "text_encoder" else loaded
+            if self.tensor_parallel and name in SHARDED:
+                shard_module(module, self.group, str(self.model_dir / name))
+            self.tracker.keep(module, owner=name)
             self.loaded[name] = loaded
         return self.loaded[name]
 
@@ -192,6 +217,8 @@ class Pipeline:
         nothing. Returns each adapter's name, scale and how many layers it touches."""
         with self.lock:
             specs = [as_lora(lora) for lora in loras]
+            if specs and self.tensor_parallel:
+                raise ValueError("LoRA adapters do not combine with tensor parallelism yet (distributed='tensor')")
             self.adapters.set(specs, self.component("transformer"), self.family, self.dtype)
             return self.adapters.report()
 
