@@ -20,9 +20,10 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--settings", type=json.loads, default={})
+    parser.add_argument("--load", type=json.loads, default={}, help="mlximg.load's options (quantize, fp8, ...)")
     args = parser.parse_args()
     group = world()
-    pipeline = mlximg.load(args.model, distributed=args.mode, keep_text_encoder=True)
+    pipeline = mlximg.load(args.model, distributed=args.mode, keep_text_encoder=True, **args.load)
     if args.mode == "data":
         images = generate_shared(pipeline, "a red fox", args.seeds, group, **args.settings)
     else:

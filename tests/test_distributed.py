@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.nn as nn
 import numpy as np
 import pytest
 from test_flux2_pipeline import build_dev, build_klein
@@ -38,6 +39,12 @@ def models(tmp_path_factory):
                                                   axes_dims=[8, 8, 8], axes_lens=[1024, 64, 64]),
                  text_encoder=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                                    num_key_value_heads=4, head_dim=8, max_position_embeddings=1024),
+                 vae=dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8))
+    # Wide enough that each rank's share of a row-split quantized layer is whole groups (64 for affine4).
+    build_zimage(root / "zimage-wide", transformer=dict(dim=384, n_layers=1, n_refiner_layers=1, n_heads=4,
+                                                       n_kv_heads=4, axes_dims=[32, 32, 32], axes_lens=[1024, 64, 64]),
+                 text_encoder=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=4, head_dim=32, max_position_embeddings=1024),
                  vae=dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8))
     build_klein(root / "klein", is_distilled=True)
     build_dev(root / "dev", text_heads=(2, 2))
@@ -83,6 +90,23 @@ def test_tensor_parallel_matches_one_process(models, tmp_path, family, ranks):
         assert share < single.tracker.nbytes(name)
         assert all(report["owners"][name] == share for report in reports), (name, share, reports)
     assert all(report["owners"]["vae"] == single.tracker.nbytes("vae") for report in reports)
+
+
+@pytest.mark.parametrize("mode", ["mxfp8", "affine4"])
+def test_tensor_parallel_quantized_weights(models, tmp_path, mode):
+    """Quantized layers (as a Mac runs them: MLX's quantized matmul) shard codes and scales together: the image
+    is the single process's with the same weights within 1/255, and each rank keeps its share of the codes."""
+    load = {"quantize": mode, "text_encoder_quantize": mode, "fp8": "matmul"}
+    output = launch(2, str(WORKER), str(models / "zimage-wide"), "tensor", str(tmp_path), "--settings",
+                    json.dumps(SETTINGS), "--load", json.dumps(load))
+    reports = rank_reports(output, 2)
+    single = mlximg.load(str(models / "zimage-wide"), keep_text_encoder=True, **load)
+    expected = np.asarray(single.generate("a red fox", seed=1, **SETTINGS), dtype=np.int16)
+    difference = np.abs(np.load(tmp_path / "1.npy").astype(np.int16) - expected)
+    assert difference.max() <= 1, difference.max()
+    for name in ("transformer", "text_encoder"):
+        assert all(report["owners"][name] == expected_bytes(single, name, 2) for report in reports), name
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in single.component("transformer").named_modules())
 
 
 def test_data_parallel_is_bit_identical(models, tmp_path):
