@@ -54,17 +54,14 @@ def _generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from .api import check_arguments, load
-    from .distributed import agree, world
+    from .distributed import agree, group_for
     from .lora import parse_cli_lora
     from .lora.source import locate
     from .output import check_output_path, save_image
     from .pipelines.init_image import open_init_image
 
     start = time.perf_counter()
-    group = world() if args.distributed else None
-    if args.distributed and group is None:
-        raise ValueError(f"--distributed {args.distributed} needs several processes: start them with mlx.launch "
-                         "(mlx.launch -n 2 --backend ring -- mlximg generate ...)")
+    group = group_for(args.distributed)
     writer = group is None or group.rank() == 0  # one rank writes the files and prints the summary
     # Seeds are fixed here, so that every file name is known and checked before any work; drawn on rank 0.
     seeds = args.seed or [secrets.randbits(32)]
@@ -123,7 +120,7 @@ def _run(pipeline, args: argparse.Namespace, group, seeds: list[int], previews, 
     peer becomes one clear error, and a silent one ends the run after --peer-timeout."""
     if group is None:
         return pipeline.generate(args.prompt, seed=seeds, callback=previews, **settings)
-    from .distributed import PeerLost
+    from .distributed import peer_lost
     from .distributed.data import generate_shared
     from .distributed.watchdog import Watchdog
 
@@ -138,9 +135,7 @@ def _run(pipeline, args: argparse.Namespace, group, seeds: list[int], previews, 
                 return generate_shared(pipeline, args.prompt, seeds, group, callback=callback, **settings)
             return pipeline.generate(args.prompt, seed=seeds, callback=callback, **settings)
         except RuntimeError as error:
-            if str(error).startswith("["):  # MLX's backends name themselves: "[ring] connection to a peer was lost"
-                raise PeerLost(f"rank {group.rank()}: another rank is gone ({error})") from None
-            raise
+            raise peer_lost(error, group.rank()) or error from None
 
 
 def _cache_options(args: argparse.Namespace) -> dict:

@@ -51,3 +51,21 @@ def test_cli(tiny, capsys):
     with pytest.raises(SystemExit):
         cli.main(["plan", "flux2-dev"])  # not downloaded here
     assert "not downloaded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quantize", ["mxfp4", "affine8"])
+def test_layerwise_adds_the_largest_quantized_layer_in_float(tiny, quantize):
+    """On the layerwise path a phase also holds its largest quantized layer's float weight and its matmul's
+    copy: the largest among the layers the pipeline actually made layerwise."""
+    from mlximg.quant.modules import LayerwiseLinear
+
+    pipeline = mlximg.load(str(tiny), quantize=quantize, fp8="layerwise", dtype="float32")
+    layers = [m for _, m in pipeline.component("transformer").named_modules() if isinstance(m, LayerwiseLinear)]
+    largest = max(m["scales"].size * m.group_size for m in layers)
+    settings = dict(width=64, height=64, quantize=quantize, compute_bytes=4)
+    plain = {p.name: p.activations for p in plan(tiny, "zimage", **settings)}
+    layerwise = {p.name: p.activations for p in plan(tiny, "zimage", layerwise=True, **settings)}
+    assert layerwise["denoise"] - plain["denoise"] == 2 * largest * 4
+    assert layerwise["decode"] == plain["decode"] and layerwise["encode"] == plain["encode"]
+    float_plan = plan(tiny, "zimage", layerwise=True, width=64, height=64, compute_bytes=4)
+    assert float_plan == plan(tiny, "zimage", width=64, height=64, compute_bytes=4), "nothing quantized, no copies"

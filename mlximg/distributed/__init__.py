@@ -3,6 +3,6 @@ text encoder's attention and MLP weights, one all-reduce per attention and per M
 rank generates its share of the images), over MLX's own distributed layer (`mx.distributed`, started by
 `mlx.launch`)."""
 
-from .group import MODES, PeerLost, agree, rank_line, world
+from .group import MODES, PeerLost, agree, group_for, peer_lost, rank_line, world
 
-__all__ = ["MODES", "PeerLost", "agree", "rank_line", "world"]
+__all__ = ["MODES", "PeerLost", "agree", "group_for", "peer_lost", "rank_line", "world"]

@@ -15,6 +15,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..cache import resolve_stepcache, resolve_teacache
+from ..distributed.group import group_for
 from ..distributed.tensor import shard_module
 from ..cache.stepcache import StepCacheConfig
 from ..cache.teacache import TeaCacheConfig
@@ -30,28 +31,12 @@ from .inputs import check_prompts, initial_noise, negative_batch, prompt_batch, 
 from .limits import check_memory, estimate_peak_memory, size_limits
 
 
-
 class NonFiniteError(ValueError):
     """A run produced NaN or inf: reported with its likely cause instead of saving a black image."""
 
 
 TEXT_COMPONENTS = ("text_encoder", "tokenizer")
 SHARDED = ("transformer", "text_encoder")  # what tensor parallelism splits; the VAE runs whole on every rank
-
-
-def distributed_group(mode: str | None):
-    """The process group for `mode` ("tensor" or "data"), refused outside a launched group of two or more."""
-    if mode is None:
-        return None
-    from ..distributed import MODES, world
-
-    if mode not in MODES:
-        raise ValueError(f"distributed={mode!r}: choose one of {', '.join(MODES)}")
-    group = world()
-    if group is None:
-        raise ValueError(f"distributed={mode!r} needs several processes: start them with mlx.launch "
-                         "(e.g. mlx.launch -n 2 --backend ring -- mlximg generate ...)")
-    return group
 
 
 def text_encoder_folder(model_dir: Path, text_encoder: str | Path | None) -> Path:
@@ -145,7 +130,7 @@ class Pipeline:
         self.lock = threading.RLock()
         self.check_components()
         self.adapters = Adapters(self.tracker)
-        self.group = distributed_group(distributed)
+        self.group = group_for(distributed)
         self.tensor_parallel = distributed == "tensor"
         if loras:
             self.set_loras(loras)
