@@ -103,7 +103,8 @@ def _block_activations(family: str, transformer: dict, width: int, height: int, 
 
 
 def plan(folder: Path, family: str, *, width: int, height: int, num_images: int = 1, cfg: bool = False,
-         quantize: str | None = None, text_encoder_quantize: str | None = None, compute_bytes: int = 2,
+         quantize: str | Quantization | None = None, text_encoder_quantize: str | Quantization | None = None,
+         compute_bytes: int = 2,
          tiled_decode: bool = False, text_encoder_dir: Path | None = None, layerwise: bool = False) -> list[Phase]:
     """The phases of a run of the model in `folder` (its configs and safetensors headers); `text_encoder_dir`:
     where its text encoder comes from, if not `folder`; `layerwise`: quantized weights dequantized per layer
@@ -115,7 +116,8 @@ def plan(folder: Path, family: str, *, width: int, height: int, num_images: int 
     weights, transient = {}, {}
     for name, mode in modes.items():
         config = read_config(folders[name])
-        quantization = Quantization.from_config(config) or (Quantization.named(mode) if mode else None)
+        quantization = Quantization.from_config(config) or (Quantization.named(mode) if isinstance(mode, str)
+                                                             else mode)
         found = headers(folders[name])
         weights[name] = component_bytes(found, compute_bytes, layer_policy(name, config), quantization)
         largest = largest_quantized(found, layer_policy(name, config), quantization) if layerwise else 0

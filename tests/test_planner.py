@@ -69,3 +69,25 @@ def test_layerwise_adds_the_largest_quantized_layer_in_float(tiny, quantize):
     assert layerwise["decode"] == plain["decode"] and layerwise["encode"] == plain["encode"]
     float_plan = plan(tiny, "zimage", layerwise=True, width=64, height=64, compute_bytes=4)
     assert float_plan == plan(tiny, "zimage", width=64, height=64, compute_bytes=4), "nothing quantized, no copies"
+
+
+def test_generate_warns_before_loading_when_the_plan_exceeds_memory(monkeypatch):
+    """Between the lower bound (which refuses) and the planner's peak (which warns): a warning, and no weight
+    loaded before it; with room for the plan, none."""
+    import warnings
+
+    from mlximg.pipelines import base, limits
+
+    pipeline = mlximg.load("z-image-digits")
+    phases = plan(pipeline.model_dir, "zimage", width=32, height=32, num_images=2, compute_bytes=pipeline.dtype.size)
+    peak = max(phase.peak for phase in phases)
+    lower = limits.estimate_peak_memory("zimage", pipeline.model_dir, 32, 32, 2, pipeline.dtype.size)
+    assert lower < peak
+    for memory, warned in (((lower + peak) // 2, True), (2 * peak, False)):
+        monkeypatch.setattr(base, "machine_memory", lambda: memory)
+        monkeypatch.setattr(limits, "machine_memory", lambda: memory)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipeline.prepare("a handwritten seven", seed=1)
+        assert any("memory planner expects" in str(w.message) for w in caught) == warned, memory
+        assert not pipeline.loaded, "the check runs before any weight loads"

@@ -7,6 +7,7 @@ a run's prompts (`condition`) and the Denoiser that drives its transformer.
 """
 
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,7 +29,7 @@ from ..schedulers import FlowMatchEulerScheduler
 from .denoise import Denoiser, Schedule, StepState, denoise
 from .init_image import InitImage, Inpaint, init_pixels, mask_pixels, nearest, noised, open_init_image, start_step, truncated
 from .inputs import check_prompts, initial_noise, negative_batch, prompt_batch, resolve_arguments, seed_batch, to_image
-from .limits import check_memory, estimate_peak_memory, size_limits
+from .limits import check_memory, estimate_peak_memory, machine_memory, size_limits
 
 
 class NonFiniteError(ValueError):
@@ -327,9 +328,24 @@ class Pipeline:
         return to_image(decoded)
 
     def check_memory(self, width: int, height: int, batch: int, options: dict) -> None:
-        """Refuse a run whose lower-bound memory estimate exceeds this machine's memory, before any work."""
-        check_memory(estimate_peak_memory(self.family, self.model_dir, width, height, batch, self.dtype.size,
-                                          bool(options.get("tiled_decode"))))
+        """Before any work: refuse a run whose lower-bound memory estimate exceeds this machine's memory, and warn
+        when the memory planner's expected peak does (it may swap, or fail)."""
+        tiled = bool(options.get("tiled_decode"))
+        check_memory(estimate_peak_memory(self.family, self.model_dir, width, height, batch, self.dtype.size, tiled))
+        available = machine_memory()
+        if available is None or self.tensor_parallel:  # the planner counts one whole model
+            return
+        from ..planner import plan
+
+        phases = plan(self.model_dir, self.family, width=width, height=height, num_images=batch,
+                      quantize=self.transformer_fp8.quantize, text_encoder_quantize=self.fp8.quantize,
+                      compute_bytes=self.dtype.size, tiled_decode=tiled, text_encoder_dir=self.text_encoder_dir,
+                      layerwise=self.transformer_fp8.execution == "layerwise")
+        peak = max(phases, key=lambda phase: phase.peak)
+        if peak.peak > available:
+            warnings.warn(f"the memory planner expects this run to peak at {peak.peak / 2**30:.1f} GiB ({peak.name}), "
+                          f"more than this machine's {available / 2**30:.1f} GiB: it may swap or fail (mlximg plan "
+                          "shows the phases; a smaller size, 4-bit weights or tiled decoding need less)")
 
     def check_finite(self, latents: mx.array, step: int, steps: int) -> None:
         """After each step: a non-finite latent ends the run at once, with its likely cause."""
