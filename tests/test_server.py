@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 import mlximg
-from mlximg.output import read_parameters
+from test_digits_model import classifier, pipeline  # noqa: F401 - the embedded model and the digit classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -96,18 +96,6 @@ def server(tmp_path_factory):
                      "--lora-dir", str(loras))
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="module")
-def pipeline():
-    return mlximg.load(MODEL)
-
-
-@pytest.fixture(scope="module")
-def classifier():
-    classifier, held_out = digits.train_classifier()
-    assert held_out > 0.97, held_out
-    return classifier
 
 
 def write_lora(path: Path) -> None:
