@@ -53,6 +53,9 @@ def worker(folder: Path, family: str, size: int, steps: int) -> None:
     pipeline = mlximg.load(str(folder), distributed="tensor" if group else None)
     pipeline.generate("a lighthouse", width=size, height=size, steps=1, guidance=0.0 if family == "zimage" else 1.0,
                       seed=0)  # loaded and warm
+    text = TEXT_TOKENS if family == "klein" else padded_length(
+        pipeline.encode_prompts(pipeline.component("text_encoder"), ["a lighthouse"])[0].shape[0])
+    pipeline.release("text_encoder")  # as after any run: the transformer and the VAE stay
     counted, marks = {"bytes": 0}, []
     all_sum = mx.distributed.all_sum
 
@@ -65,10 +68,8 @@ def worker(folder: Path, family: str, size: int, steps: int) -> None:
     pipeline.generate("a lighthouse", width=size, height=size, steps=steps, seed=0,
                       guidance=0.0 if family == "zimage" else 1.0, callback=lambda *_: marks.append(counted["bytes"]))
     denoise = next(r for r in pipeline.phases.records if r.name == "denoise")
-    text = TEXT_TOKENS if family == "klein" else padded_length(
-        pipeline.encode_prompts(pipeline.component("text_encoder"), ["a lighthouse"])[0].shape[0])
     print(json.dumps({"rank": group.rank() if group else 0, "step": denoise.seconds / steps, "text": text,
-                      "weights": pipeline.tracker.nbytes(), "peak": mx.get_peak_memory(),
+                      "weights": pipeline.tracker.owners(), "peak": mx.get_peak_memory(),
                       "payload": (marks[-1] - marks[0]) / (steps - 1)}), flush=True)
 
 
@@ -96,10 +97,11 @@ def main() -> None:
         return worker(args.worker, args.family[0], args.size, args.steps)
     from pipeline_memory import build
 
-    print(f"{args.size}x{args.size}, float32, {args.steps} steps; per rank: kept weights, MLX peak, all-reduced "
-          "bytes per step (counted / formula)")
-    print("| model | ranks | s/step | kept MiB per rank | peak MiB per rank | all-reduce MiB/step | formula MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"{args.size}x{args.size}, float32, {args.steps} steps; per rank: kept weights (transformer + VAE), MLX "
+          "peak, all-reduced bytes per step (counted / formula)")
+    print("| model | ranks | s/step | transformer MiB per rank | + VAE | peak MiB per rank | all-reduce MiB/step "
+          "| formula MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for family in args.family:
         folder = Path(f"/tmp/mlximg-{family}-mid")
         if not (folder / "model_index.json").exists():
@@ -110,7 +112,9 @@ def main() -> None:
             formula = payload_per_step(FAMILIES[family], config, (args.size // 16) ** 2, reports[0]["text"], 1, 4)
             step = max(r["step"] for r in reports)
             counted = reports[0]["payload"] / 2**20
-            print(f"| {family} mid | {ranks} | {step:.2f} | {reports[0]['weights'] / 2**20:.0f} | "
+            kept = reports[0]["weights"]
+            print(f"| {family} mid | {ranks} | {step:.2f} | {kept['transformer'] / 2**20:.0f} | "
+                  f"{kept['vae'] / 2**20:.0f} | "
                   f"{max(r['peak'] for r in reports) / 2**20:.0f} | {counted:.1f} | "
                   f"{formula / 2**20 if ranks > 1 else 0:.1f} |")
     payload = payload_per_step("flux2", FLUX2_DEV, (1024 // 16) ** 2, TEXT_TOKENS, 1, 2)
