@@ -322,6 +322,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, memory_budget=budget, timeout=args.timeout or None,
         max_body=int(args.max_body_mb * 2**20), url_ttl=args.url_ttl, lora_dir=args.lora_dir,
         load_options=load_options)
+    if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        warnings.warn(f"listening on {args.host} without an API key: anyone who reaches it can generate "
+                      "(set --api-key or MLXIMG_API_KEY)")
     serve(settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

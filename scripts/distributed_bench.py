@@ -53,9 +53,10 @@ def worker(folder: Path, family: str, size: int, steps: int) -> None:
     pipeline = mlximg.load(str(folder), distributed="tensor" if group else None)
     pipeline.generate("a lighthouse", width=size, height=size, steps=1, guidance=0.0 if family == "zimage" else 1.0,
                       seed=0)  # loaded and warm
-    text = TEXT_TOKENS if family == "klein" else padded_length(
-        pipeline.encode_prompts(pipeline.component("text_encoder"), ["a lighthouse"])[0].shape[0])
-    pipeline.release("text_encoder")  # as after any run: the transformer and the VAE stay
+    text = TEXT_TOKENS  # klein pads every prompt to 512; Z-Image's caption length is the prompt's, padded
+    if family == "zimage":
+        text = padded_length(pipeline.encode_prompts(pipeline.component("text_encoder"), ["a lighthouse"])[0].shape[0])
+        pipeline.release("text_encoder")  # as after any run: the transformer and the VAE stay
     counted, marks = {"bytes": 0}, []
     all_sum = mx.distributed.all_sum
 
