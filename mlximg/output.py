@@ -1,6 +1,7 @@
 """Writing generated images: the format the file name's extension says, the generation parameters as metadata,
 atomically (a temporary file renamed into place) and with the permissions a new file gets (the umask)."""
 
+import io
 import json
 import os
 import tempfile
@@ -61,6 +62,13 @@ def _save_options(image, image_format: str, quality: int = QUALITY) -> dict:
 def write_image(image, file, image_format_name: str, quality: int = QUALITY) -> None:
     """Write `image` to an open binary file in "PNG", "JPEG" or "WEBP" (at `quality`), with its parameters."""
     image.save(file, format=image_format_name, **_save_options(image, image_format_name, quality))
+
+
+def image_bytes(image, image_format_name: str = "PNG", quality: int = QUALITY) -> bytes:
+    """The file `write_image` writes, in memory."""
+    buffer = io.BytesIO()
+    write_image(image, buffer, image_format_name, quality)
+    return buffer.getvalue()
 
 
 def save_image(image, path: Path) -> Path:

@@ -32,20 +32,15 @@ def generate_shared(pipeline, prompt, seeds: list[int], group: mx.distributed.Gr
     what a single process gives for its share's batch, bit for bit."""
     from PIL import Image
 
-    from ..output import write_image
+    from ..output import image_bytes
 
     size, rank = group.size(), group.rank()
     mine = share(len(seeds), rank, size)
     prompts = prompt if isinstance(prompt, list) else [prompt] * len(seeds)
     images = pipeline.generate([prompts[i] for i in mine], seed=[seeds[i] for i in mine],
                                **settings) if len(mine) else []
-    blobs = []
-    for image in images:
-        buffer = io.BytesIO()
-        write_image(image, buffer, "PNG")
-        blobs.append(buffer.getvalue())
     gathered = []
-    for blob in gather_bytes(blobs, -(-len(seeds) // size), group):
+    for blob in gather_bytes([image_bytes(image) for image in images], -(-len(seeds) // size), group):
         image = Image.open(io.BytesIO(blob))
         image.load()
         image.info["parameters"] = json.loads(image.text["parameters"])

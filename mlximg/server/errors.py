@@ -30,12 +30,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
-    """The first field error, named as the body names it."""
-    first = error.errors()[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
-    return (f"{param}: {first['msg']}" if param else first["msg"]), param
+def field_error(errors: list[dict]) -> APIError:
+    """A 400 for the first of pydantic's field errors, named as the body names the field."""
+    first = errors[0]
+    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
+    return bad_request(f"{param}: {first['msg']}" if param else first["msg"], param, "invalid_value")
 
 
 def install(app: FastAPI) -> None:
@@ -48,8 +47,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
-        message, param = _validation_message(error)
-        return JSONResponse(error_body(400, message, param, "invalid_value"), status_code=400)
+        return await api_error(request, field_error(error.errors()))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from ..output import QUALITY, write_image
+from ..output import QUALITY, image_bytes
 from ..pipelines.images import open_image
 from .errors import bad_request
 
@@ -17,9 +17,7 @@ MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 def encode(image, output_format: str, compression: int | None = None) -> bytes:
     """The image file; JPEG and WebP at `compression` (OpenAI's name for the quality, 0-100)."""
-    buffer = io.BytesIO()
-    write_image(image, buffer, FORMATS[output_format], QUALITY if compression is None else compression)
-    return buffer.getvalue()
+    return image_bytes(image, FORMATS[output_format], QUALITY if compression is None else compression)
 
 
 def b64(data: bytes) -> str:

@@ -30,14 +30,13 @@ class Job:
     deadline: float | None  # time.monotonic() by which it must be done
     loop: asyncio.AbstractEventLoop
     streaming: bool = False
-    done: asyncio.Future = None
-    events: asyncio.Queue = None  # streaming: progress and previews, then None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    steps_run: int = 0
+    done: asyncio.Future = field(init=False)
+    events: asyncio.Queue = field(init=False, default_factory=asyncio.Queue)  # streaming: events, then None
+    cancelled: threading.Event = field(init=False, default_factory=threading.Event)
+    steps_run: int = field(init=False, default=0)
 
     def __post_init__(self):
         self.done = self.loop.create_future()
-        self.events = asyncio.Queue()
 
     def cancel(self) -> None:
         self.cancelled.set()

@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import bad_request
+from .errors import field_error
 
 MAX_IMAGES = 10  # OpenAI's bound on n
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -69,6 +69,4 @@ def edit_request(form: dict) -> ImageRequest:
     try:
         return ImageRequest.model_validate(form)
     except ValidationError as error:
-        first = error.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise bad_request(f"{param}: {first['msg']}" if param else first["msg"], param, "invalid_value") from None
+        raise field_error(error.errors()) from None
