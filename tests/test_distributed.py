@@ -92,16 +92,21 @@ def test_tensor_parallel_matches_one_process(models, tmp_path, family, ranks):
     assert all(report["owners"]["vae"] == single.tracker.nbytes("vae") for report in reports)
 
 
-@pytest.mark.parametrize("mode", ["mxfp8", "affine4"])
-def test_tensor_parallel_quantized_weights(models, tmp_path, mode):
+QUANTIZED = [("zimage-wide", {"quantize": "mxfp8", "text_encoder_quantize": "mxfp8"}, 4.0),
+             ("zimage-wide", {"quantize": "affine4", "text_encoder_quantize": "affine4"}, 4.0),
+             ("klein", {"quantize": "mxfp8"}, 1.0)]  # klein: the single blocks' fused segments, packed
+
+
+@pytest.mark.parametrize("model, modes, guidance", QUANTIZED)
+def test_tensor_parallel_quantized_weights(models, tmp_path, model, modes, guidance):
     """Quantized layers (as a Mac runs them: MLX's quantized matmul) shard codes and scales together: the image
     is the single process's with the same weights within 1/255, and each rank keeps its share of the codes."""
-    load = {"quantize": mode, "text_encoder_quantize": mode, "fp8": "matmul"}
-    output = launch(2, str(WORKER), str(models / "zimage-wide"), "tensor", str(tmp_path), "--settings",
-                    json.dumps(SETTINGS), "--load", json.dumps(load))
+    load, settings = {**modes, "fp8": "matmul"}, {**SETTINGS, "guidance": guidance}
+    output = launch(2, str(WORKER), str(models / model), "tensor", str(tmp_path), "--settings",
+                    json.dumps(settings), "--load", json.dumps(load))
     reports = rank_reports(output, 2)
-    single = mlximg.load(str(models / "zimage-wide"), keep_text_encoder=True, **load)
-    expected = np.asarray(single.generate("a red fox", seed=1, **SETTINGS), dtype=np.int16)
+    single = mlximg.load(str(models / model), keep_text_encoder=True, **load)
+    expected = np.asarray(single.generate("a red fox", seed=1, **settings), dtype=np.int16)
     difference = np.abs(np.load(tmp_path / "1.npy").astype(np.int16) - expected)
     assert difference.max() <= 1, difference.max()
     for name in ("transformer", "text_encoder"):
