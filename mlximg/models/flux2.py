@@ -17,7 +17,8 @@ from ..cache.runner import BlockRunner
 from ..configs import at_least, check_fields, from_dict
 from ..loading import load_component
 from ..distributed.tensor import TensorPlan
-from ..nn import RMSNorm, attention, layer_norm, norm_rope_heads, rope_tables, silu, silu_mul, timestep_embedding
+from ..nn import (RMSNorm, add_gated, attention, modulate, norm_rope_heads, rope_tables, silu, silu_mul,
+                  timestep_embedding)
 from ..quant.options import QuantOptions
 from .flux2_kv import LayerKV, ReferenceKV
 
@@ -84,11 +85,6 @@ def _attend(q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.arra
     return (kv.attend if kv is not None else attention)(q, k, v.transpose(0, 2, 1, 3))
 
 
-def _modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
-    """Affine-free LayerNorm, then the block's modulation; `scale` already holds 1 + scale."""
-    return layer_norm(x, eps) * scale + shift
-
-
 def _clip_float16(x: mx.array) -> mx.array:
     # diffusers clips the residual stream in float16 so that it stays finite.
     return mx.clip(x, -FLOAT16_MAX, FLOAT16_MAX) if x.dtype == mx.float16 else x
@@ -152,11 +148,11 @@ class TransformerBlock(nn.Module):
         (shift, scale, gate), (shift_ff, scale_ff, gate_ff) = mod_img
         (c_shift, c_scale, c_gate), (c_shift_ff, c_scale_ff, c_gate_ff) = mod_txt
         img_attn, txt_attn = self.attn(
-            _modulate(img, shift, scale, self.eps), _modulate(txt, c_shift, c_scale, self.eps), rope, kv)
-        img = img + gate * img_attn
-        img = img + gate_ff * self.ff(_modulate(img, shift_ff, scale_ff, self.eps))
-        txt = txt + c_gate * txt_attn
-        txt = txt + c_gate_ff * self.ff_context(_modulate(txt, c_shift_ff, c_scale_ff, self.eps))
+            modulate(img, shift, scale, self.eps), modulate(txt, c_shift, c_scale, self.eps), rope, kv)
+        img = add_gated(img, img_attn, gate)
+        img = add_gated(img, self.ff(modulate(img, shift_ff, scale_ff, self.eps)), gate_ff)
+        txt = add_gated(txt, txt_attn, c_gate)
+        txt = add_gated(txt, self.ff_context(modulate(txt, c_shift_ff, c_scale_ff, self.eps)), c_gate_ff)
         return _clip_float16(img), _clip_float16(txt)
 
 
@@ -189,7 +185,7 @@ class SingleTransformerBlock(nn.Module):
 
     def __call__(self, x: mx.array, mod, rope, kv=None) -> mx.array:
         shift, scale, gate = mod
-        return _clip_float16(x + gate * self.attn(_modulate(x, shift, scale, self.eps), rope, kv))
+        return _clip_float16(add_gated(x, self.attn(modulate(x, shift, scale, self.eps), rope, kv), gate))
 
 
 class TimestepEmbedding(nn.Module):
@@ -244,7 +240,7 @@ class AdaLayerNormContinuous(nn.Module):
 
     def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
         scale, shift = mx.split(self.linear(silu(temb))[:, None], 2, axis=-1)
-        return _modulate(x, shift, 1 + scale, self.eps)
+        return modulate(x, shift, 1 + scale, self.eps)
 
 
 def _host_ids(ids, axes: int, what: str) -> np.ndarray:
@@ -397,7 +393,7 @@ class Flux2Transformer(nn.Module):
     def modulated_input(self, img: mx.array, mod_img, mod_single) -> mx.array:
         """The first block's modulated image input: TeaCache's signal of how much this step's input changed."""
         shift, scale, _ = mod_img[0] if self.transformer_blocks else mod_single
-        return _modulate(img, shift, scale, self.args.eps)
+        return modulate(img, shift, scale, self.args.eps)
 
 
 def load_flux2_transformer(model_dir, dtype: mx.Dtype | None = None, *,

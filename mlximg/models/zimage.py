@@ -17,7 +17,8 @@ from ..configs import at_least, check_fields, from_dict
 from ..loading import load_component
 from ..quant.options import QuantOptions
 from ..distributed.tensor import TensorPlan
-from ..nn import RMSNorm, SiLU, attention, layer_norm, norm_rope_heads, rope_tables, silu_mul, timestep_embedding
+from ..nn import (RMSNorm, SiLU, add_normed, attention, layer_norm, norm_rope_heads, rope_tables, scaled_norm, silu_mul,
+                  timestep_embedding)
 
 SEQ_MULTIPLE = 32  # every token sequence is padded to a multiple of this
 ADALN_DIM = 256  # width of the timestep conditioning
@@ -115,18 +116,18 @@ class TransformerBlock(nn.Module):
 
     def __call__(self, x, rope, mask, adaln: mx.array | None = None) -> mx.array:
         if adaln is None:
-            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
-            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+            x = add_normed(x, self.attention(self.attention_norm1(x), rope, mask), self.attention_norm2)
+            return add_normed(x, self.feed_forward(self.ffn_norm1(x)), self.ffn_norm2)
         scale_msa, gate_msa, scale_mlp, gate_mlp = mx.split(self.adaLN_modulation[0](adaln)[:, None], 4, axis=-1)
-        attn_out = self.attention(self.attention_norm1(x) * (1 + scale_msa), rope, mask)
-        x = x + mx.tanh(gate_msa) * self.attention_norm2(attn_out)
-        ffn_out = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
-        return x + mx.tanh(gate_mlp) * self.ffn_norm2(ffn_out)
+        attn_out = self.attention(scaled_norm(x, self.attention_norm1, 1 + scale_msa), rope, mask)
+        x = add_normed(x, attn_out, self.attention_norm2, mx.tanh(gate_msa))
+        ffn_out = self.feed_forward(scaled_norm(x, self.ffn_norm1, 1 + scale_mlp))
+        return add_normed(x, ffn_out, self.ffn_norm2, mx.tanh(gate_mlp))
 
     def modulated_input(self, x: mx.array, adaln: mx.array) -> mx.array:
         """What the attention sees, as in __call__: TeaCache's signal of how much this step's input changed."""
         scale_msa = mx.split(self.adaLN_modulation[0](adaln)[:, None], 4, axis=-1)[0]
-        return self.attention_norm1(x) * (1 + scale_msa)
+        return scaled_norm(x, self.attention_norm1, 1 + scale_msa)
 
 
 class TimestepEmbedder(nn.Module):

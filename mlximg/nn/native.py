@@ -1,5 +1,6 @@
 """Compiled float32 kernels for MLX's CPU backend (cpu_kernels.cpp): softmax attention, SiLU / SwiGLU, the
-attention heads' RMSNorm + RoPE, and the VAE's 3x3 convolutions and GroupNorm (+ SiLU).
+attention heads' RMSNorm + RoPE, the blocks' norm + adaLN modulation + gated residual, and the VAE's 3x3
+convolutions and GroupNorm (+ SiLU).
 
 MLX has no fused CPU attention (its graph writes the N x N scores several times) and its CPU exp is scalar, so
 attention and SwiGLU were most of a denoising step's non-matmul time here. The attention kernel keeps MLX's BLAS
@@ -73,6 +74,7 @@ class _Library:
     rms_norm_rope: ctypes._CFuncPtr
     conv3x3: ctypes._CFuncPtr
     group_norm: ctypes._CFuncPtr
+    norm_modulate: ctypes._CFuncPtr
     sgemm: int  # cblas_sgemm's address in the OpenBLAS mlximg loaded
 
 
@@ -96,8 +98,11 @@ def _bind(path: Path, openblas: str) -> _Library:
     group_norm.restype = ctypes.c_int
     group_norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
                                                    ctypes.c_float, ctypes.c_int]
+    norm_modulate = library.norm_modulate_f32
+    norm_modulate.restype = None
+    norm_modulate.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2 + [ctypes.c_float]
     sgemm = ctypes.cast(ctypes.CDLL(openblas).cblas_sgemm, ctypes.c_void_p).value
-    return _Library(attention, silu_mul, rms_norm_rope, conv3x3, group_norm, sgemm)
+    return _Library(attention, silu_mul, rms_norm_rope, conv3x3, group_norm, norm_modulate, sgemm)
 
 
 @lru_cache(maxsize=None)
@@ -303,3 +308,49 @@ def group_norm(x: mx.array, weight: mx.array, bias: mx.array, groups: int, eps: 
     then SiLU if `silu`, by the kernel (call `applies` first). Gradients are `differentiable(x, weight, bias)`'s."""
     return _with_gradients_of(differentiable, lambda x, w, b: _group_norm_forward(x, w, b, groups, eps, silu))(
         x, weight, bias)
+
+
+NORMS = {"none": 0, "rms": 1, "layer": 2}
+_MODULATION_INPUTS = ("weight", "scale", "shift", "residual", "gate")
+
+
+def supports_norm_modulate(x: mx.array, **inputs) -> bool:
+    """Whether `norm_modulate` can take x (B, N, D) and these inputs: weight (D,), residual like x, and per-sample
+    scale / shift / gate (B or 1, 1, D)."""
+    if x.ndim != 3:
+        return False
+    batch, _, dim = x.shape
+    fits = {"weight": lambda a: a.shape == (dim,), "residual": lambda a: a.shape == x.shape}
+    per_sample = lambda a: a.ndim == 3 and a.shape[0] in (1, batch) and a.shape[1:] == (1, dim)  # noqa: E731
+    present = [a for a in inputs.values() if a is not None]
+    return all(fits.get(name, per_sample)(a) for name, a in inputs.items() if a is not None) and applies(x, *present)
+
+
+def _norm_modulate_forward(x: mx.array, inputs: dict, norm: str, eps: float) -> mx.array:
+    mx.eval(x, *inputs.values())
+    batch, length, dim = x.shape
+    host = {"x": _host_contiguous(x)}
+    for name, a in inputs.items():
+        a = _host_contiguous(a)
+        per_sample = name in ("scale", "shift", "gate")
+        host[name] = np.ascontiguousarray(np.broadcast_to(a, (batch, 1, dim))) if per_sample else a
+    result, out = _output(x.shape)
+    pointer = lambda name: host[name].ctypes.data if name in host else None  # noqa: E731
+    _library().norm_modulate(pointer("x"), *(pointer(name) for name in _MODULATION_INPUTS), out.ctypes.data,
+                             batch * length, length, dim, NORMS[norm], eps)
+    return result
+
+
+def norm_modulate(x: mx.array, norm: str, eps: float, differentiable, **inputs) -> mx.array:
+    """residual + gate * (norm(x) * weight * scale + shift) of x (B, N, D) in one pass of the kernel (call
+    `supports_norm_modulate` first); `norm` "none", "rms" or "layer" (no affine); inputs left out or None are
+    absent. Its gradients are those of `differentiable(x, **inputs)`."""
+    names = [name for name in _MODULATION_INPUTS if inputs.get(name) is not None]
+
+    def forward(x, *arrays):
+        return _norm_modulate_forward(x, dict(zip(names, arrays)), norm, eps)
+
+    def in_mlx(x, *arrays):
+        return differentiable(x, **dict(zip(names, arrays)))
+
+    return _with_gradients_of(in_mlx, forward)(x, *(inputs[name] for name in names))
