@@ -2,6 +2,7 @@
 
     python scripts/digits_quality.py [--model z-image-digits] [--per-digit 20] [--out table.md]
     python scripts/digits_quality.py --grid docs/digits.png     # the README's picture: seeds 0-3 of every digit
+    python scripts/digits_quality.py --caches                   # only the step-skipping rules, more thresholds
 
 An independent classifier (an SVM trained with scikit-learn on half of the same 8x8 digits; its held-out accuracy
 is printed) reads every generated image, downsampled to 8x8. For each setting, --per-digit images of each digit
@@ -32,6 +33,18 @@ def settings(steps: int) -> list[tuple[str, dict, dict]]:
     rows += [(f"TeaCache {t}", {}, {"teacache": {"threshold": t}}) for t in (0.05, 0.1, 0.2, 0.4)]
     rows += [(f"StepCache interval {n}", {}, {"stepcache": {"interval": n}}) for n in (2, 3, 4)]
     rows += [("FP8 (mxfp8) transformer", {"quantize": "fp8"}, {})]
+    return rows
+
+
+# The first-block rule's change needs no calibrated polynomial: identity rescaling, over the manifest's.
+FIRST_BLOCK = {"mode": "first_block", "coefficients": [1.0, 0.0], "signal_range": None}
+
+
+def cache_settings() -> list[tuple[str, dict, dict]]:
+    """The calibration sweep: TeaCache's calibrated modulated rule against the first-block rule."""
+    rows = [("baseline", {}, {})]
+    rows += [(f"TeaCache modulated {t}", {}, {"teacache": {"threshold": t}}) for t in (0.1, 0.2, 0.4, 0.8)]
+    rows += [(f"first-block {t}", {}, {"teacache": {**FIRST_BLOCK, "threshold": t}}) for t in (0.05, 0.1, 0.2, 0.4)]
     return rows
 
 
@@ -81,6 +94,7 @@ def main(argv=None) -> None:
     parser.add_argument("--per-digit", type=int, default=20, help="images per digit and setting")
     parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
     parser.add_argument("--grid", type=Path, help="only write a picture of generated digits here")
+    parser.add_argument("--caches", action="store_true", help="only the baseline and the step-skipping rules")
     args = parser.parse_args(argv)
 
     if args.grid:
@@ -96,7 +110,7 @@ def main(argv=None) -> None:
              "| setting | accuracy | diversity | change | forwards skipped | s / image |", "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     baseline = None
-    for label, load_options, options in settings(base.defaults["steps"]):
+    for label, load_options, options in cache_settings() if args.caches else settings(base.defaults["steps"]):
         pipeline = mlximg.load(args.model, **load_options) if load_options else base
         pipeline.generate("a handwritten zero", seed=0, **options)  # warm-up: loading is not timed
         result = evaluate(pipeline, classifier, args.per_digit, options)

@@ -63,7 +63,8 @@ def run(folders, case, steps=3, seed=0, **caches):
     dict(teacache=TeaCacheConfig(threshold=0.0, mode="modulated")),
     dict(stepcache=StepCacheConfig(interval=1, first_blocks=0, last_blocks=1)),
     dict(teacache=TeaCacheConfig(threshold=0.0, mode="modulated"), stepcache=StepCacheConfig(interval=1)),
-], ids=["tea-timestep-0", "tea-modulated-0", "step-interval-1", "both"])
+    dict(teacache=TeaCacheConfig(threshold=0.0, mode="first_block")),
+], ids=["tea-timestep-0", "tea-modulated-0", "step-interval-1", "both", "tea-first-block-0"])
 def test_caching_that_never_skips_is_bit_identical(folders, case, caches):
     pixels, latents, parameters = uncached(folders, case)
     cached_pixels, cached_latents, cached_parameters, pipeline = run(folders, case, **caches)
@@ -77,7 +78,9 @@ def test_caching_that_never_skips_is_bit_identical(folders, case, caches):
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("caches", [dict(teacache={"threshold": 0.2}),
-                                    dict(stepcache={"interval": 3, "first_blocks": 0})], ids=["tea-0.2", "step-3"])
+                                    dict(teacache={"threshold": 10.0, "mode": "first_block"}),
+                                    dict(stepcache={"interval": 3, "first_blocks": 0})],
+                         ids=["tea-0.2", "tea-first-block", "step-3"])
 def test_caching_skips_work_and_stays_close(folders, case, caches):
     """8 steps. The tiny models are random, not trained denoisers, so the deviation is only compared with the
     difference other noise makes: caching must stay well closer to the uncached image than that."""
@@ -117,6 +120,53 @@ def test_teacache_decisions_on_a_scripted_sequence():
     assert scripted(config, [None] + [0.0] * 7) == [True, False, False, True, False, False, True, True]
     # Threshold 0 never skips.
     assert all(scripted(TeaCacheConfig(threshold=0.0), [None] + [0.0] * 5))
+
+
+def test_first_block_rule_compares_each_change_with_the_last_computed_step():
+    """No accumulation: 0.1 per step stays under 0.25 however many steps pass (up to the skip cap)."""
+    config = TeaCacheConfig(threshold=0.25, mode="first_block", max_consecutive_skips=10)
+    assert scripted(config, [None, 0.1, 0.1, 0.1, 0.3, 0.1, 0.1]) == [True, False, False, False, True, False, True]
+
+
+class _Blocks:
+    """Toy blocks: block i adds (i + 1) * step to the image tokens; records which ran."""
+
+    def __init__(self):
+        self.step, self.ran = 0, []
+
+    def call(self, block, h):
+        self.ran.append((self.step, block))
+        return h + (block + 1) * self.step
+
+
+def test_first_block_reuse_adds_the_cached_residual_of_the_other_blocks():
+    """A skipped step runs block 0 only and returns its output plus (body output - block 0 output) of the last
+    computed step; capture still sees block 0."""
+    from mlximg.cache.runner import BlockRunner
+
+    tea = TeaCache(TeaCacheConfig(threshold=10.0, mode="first_block"), num_steps=3)
+    toy, x = _Blocks(), mx.ones((1, 4, 2))
+    outputs = []
+    for step in range(3):
+        toy.step = step + 1
+        tea.begin(step)
+        capture = []
+        runner = BlockRunner(tea, capture=capture)
+        outputs.append(runner.body(x, None, lambda h: runner.stack("layers", [0, 1, 2], h, toy.call)))
+        assert capture[0][0] == "layers.0"
+    assert tea.stats() == {"computed": 2, "skipped": 1}  # step 0 forced, step 1 reused, step 2 (last) forced
+    assert [s for s, _ in toy.ran] == [1, 1, 1, 2, 3, 3, 3]
+    # Step 1 (toy step 2): block 0 gives 1 + 2 = 3, plus the step-0 residual of blocks 1 and 2 (2 + 3 = 5).
+    assert mx.array_equal(outputs[1], mx.full((1, 4, 2), 8.0))
+    assert mx.array_equal(outputs[2], mx.full((1, 4, 2), 1 + 3 + 6 + 9.0))
+
+
+def test_first_block_rule_and_stepcache_are_refused_together(folders):
+    pipeline = ZImagePipeline(folders["zimage"])
+    with pytest.raises(ValueError, match="first_block.*stepcache"):
+        pipeline.prepare("a red fox", width=64, height=64, steps=3, guidance=0.0, teacache={"mode": "first_block"},
+                         stepcache=True)
+    assert not pipeline.tracker.owners()
 
 
 def test_teacache_polynomial_is_clamped_to_its_range():
@@ -210,7 +260,7 @@ def test_stepcache_slots_and_refresh():
 
 @pytest.mark.parametrize("make, message", [
     (lambda: TeaCacheConfig(threshold=-0.1), "threshold must be a finite number >= 0, got -0.1"),
-    (lambda: TeaCacheConfig(mode="embedding"), "mode must be one of timestep, modulated, got 'embedding'"),
+    (lambda: TeaCacheConfig(mode="embedding"), "mode must be one of timestep, modulated, first_block, got 'embedding'"),
     (lambda: TeaCacheConfig(max_consecutive_skips=-1), "max_consecutive_skips must be an integer >= 0, got -1"),
     (lambda: TeaCacheConfig(first_steps=0), "first_steps must be an integer >= 1, got 0"),
     (lambda: TeaCacheConfig(coefficients=()), r"coefficients must be finite numbers, got \[\]"),

@@ -2,9 +2,9 @@
 middle blocks' residual between refresh steps). Both are model-agnostic; they reach the transformers through
 one BlockRunner (runner.py), and the plain runner computes exactly as without them."""
 
-from .config import resolve_stepcache, resolve_teacache
+from .config import check_caches, resolve_stepcache, resolve_teacache
 from .stepcache import StepCache, StepCacheConfig, run_blocks
 from .teacache import TeaCache, TeaCacheConfig, step_forward
 
-__all__ = ["StepCache", "StepCacheConfig", "TeaCache", "TeaCacheConfig", "resolve_stepcache", "resolve_teacache",
-           "run_blocks", "step_forward"]
+__all__ = ["StepCache", "StepCacheConfig", "TeaCache", "TeaCacheConfig", "check_caches", "resolve_stepcache",
+           "resolve_teacache", "run_blocks", "step_forward"]

@@ -32,3 +32,10 @@ def resolve_stepcache(value) -> StepCacheConfig | None:
     if isinstance(value, dict):
         return StepCacheConfig.from_dict(value)
     raise ValueError(f"stepcache must be True, False, a dict or a StepCacheConfig, got {value!r}")
+
+
+def check_caches(teacache: TeaCacheConfig | None, stepcache: StepCacheConfig | None) -> None:
+    """Refuse combinations that cannot work together, before any model work."""
+    if teacache is not None and stepcache is not None and teacache.mode == "first_block":
+        raise ValueError("teacache mode 'first_block' cannot be combined with stepcache: a step the first-block "
+                         "cache reuses runs no middle blocks for StepCache to refresh; choose one")

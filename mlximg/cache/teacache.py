@@ -1,11 +1,16 @@
 """TeaCache: decide per denoising step whether the transformer runs or its cached result is reused.
 
-Two signals (Liu et al., "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model"):
+Three signals (the first two from Liu et al., "Timestep Embedding Tells: It's Time to Cache for Video Diffusion
+Model"; the third is ParaAttention's first-block cache):
 - "timestep": |t - t_prev|, rescaled; a skipped step reuses the whole cached model output (no forward at all).
 - "modulated": the relative L1 change of the first block's modulated input, rescaled by a per-model polynomial;
   the model caches the residual of its block stack, so a skipped step runs only the embedders, the first
   block's modulation and the final layer, on `input + cached_residual`.
-The rescaled changes accumulate until they reach the threshold; then the step is computed and the sum restarts.
+- "first_block": the relative L1 change of the first block's residual (its image output minus its input) since
+  the last computed step; a skipped step runs the first block and adds the cached residual of all the others.
+For the first two the rescaled changes accumulate until they reach the threshold; then the step is computed and
+the sum restarts. "first_block" compares each step's change alone with the threshold, against the residual of
+the last computed step (so a run of small changes cannot drift unnoticed).
 With CFG the cache holds one entry per context (positive, negative) and the pipeline recombines guidance after
 the cache, every step, so a cached result never carries a stale guidance scale.
 """
@@ -18,7 +23,8 @@ import numpy as np
 from ..configs import at_least, check_fields, from_dict
 from ..runtime import Tracker
 
-MODES = ("timestep", "modulated")
+MODES = ("timestep", "modulated", "first_block")
+IN_MODEL = ("modulated", "first_block")  # the modes the model's BlockRunner decides (cache/runner.py)
 OWNER = "teacache"
 
 
@@ -89,7 +95,8 @@ class TeaCache:
                   or (config.compute_last and step == self.num_steps - 1)
                   or self.consecutive_skips >= config.max_consecutive_skips)
         if not forced:
-            self.accumulated += self.rescale(change)
+            rescaled = self.rescale(change)
+            self.accumulated = rescaled if config.mode == "first_block" else self.accumulated + rescaled
         compute = forced or self.accumulated >= config.threshold
         if compute:
             self.accumulated = 0.0
@@ -101,7 +108,7 @@ class TeaCache:
         return compute
 
     def change(self, signal) -> float | None:
-        """|t - t_prev| for a timestep; mean |x - x_prev| / mean |x_prev| for a modulated input."""
+        """|t - t_prev| for a timestep; mean |x - x_prev| / mean |x_prev| for an array signal."""
         previous = self.previous_signal
         if previous is None or getattr(signal, "shape", ()) != getattr(previous, "shape", ()):
             return None
@@ -120,11 +127,11 @@ class TeaCache:
     def reuse(self, signal):
         """The cached entry for this step's batch, or None when the step must be computed (then call `store`)."""
         change = self.change(signal)
-        self._keep_signal(signal)
         available = all(c in self.entries for c in self.contexts)
-        if self.decide(self.step, change, available):
-            return None
-        return self.cached()
+        compute = self.decide(self.step, change, available)
+        if compute or self.config.mode != "first_block":  # first_block compares with the last computed step
+            self._keep_signal(signal)
+        return None if compute else self.cached()
 
     def store(self, value: mx.array) -> None:
         """Cache this step's result, one entry per context (batch rows in context order); frees the old ones."""
@@ -159,11 +166,11 @@ class TeaCache:
 
 def step_forward(teacache: TeaCache | None, step: int, t: float, contexts: tuple, forward):
     """One denoising step's transformer output, `forward()`. In "timestep" mode the whole call is skipped when the
-    cache allows; in "modulated" mode the model's BlockRunner decides inside the forward."""
+    cache allows; in the other modes the model's BlockRunner decides inside the forward."""
     if teacache is None:
         return forward()
     teacache.begin(step, contexts)
-    if teacache.config.mode == "modulated":
+    if teacache.config.mode in IN_MODEL:
         return forward()
     cached = teacache.reuse(float(t))
     if cached is not None:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..cache import resolve_stepcache, resolve_teacache
+from ..cache import check_caches, resolve_stepcache, resolve_teacache
 from ..distributed.group import group_for
 from ..distributed.tensor import shard_module
 from ..cache.stepcache import StepCacheConfig
@@ -265,9 +265,10 @@ class Pipeline:
         negatives = negative_batch(negative_prompt, prompt, num_images) if cfg else None
         seeds = seed_batch(seed, len(prompts))
         self.check_memory(width, height, len(prompts) * (2 if cfg else 1), options)
+        teacache, stepcache = resolve_teacache(teacache, self.teacache_defaults), resolve_stepcache(stepcache)
+        check_caches(teacache, stepcache)
         noise, seeds = initial_noise(self.latent_shape(len(prompts), width, height), seeds, latents)
-        run = Run(prompts, negatives, seeds, width, height, steps, guidance, noise,
-                  resolve_teacache(teacache, self.teacache_defaults), resolve_stepcache(stepcache), options,
+        run = Run(prompts, negatives, seeds, width, height, steps, guidance, noise, teacache, stepcache, options,
                   several=not isinstance(prompt, str) or num_images is not None or isinstance(seed, (list, tuple)),
                   progress=progress, init=init)
         self.check_run(run)
