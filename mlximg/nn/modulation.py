@@ -15,6 +15,9 @@ import mlx.core as mx
 
 from . import dispatch, native
 
+# Below this many values the kernel's host synchronisation costs more than MLX's lazily scheduled passes.
+_KERNEL_MIN_VALUES = 1 << 16
+
 
 def _chain(x, norm: str, eps: float, weight=None, scale=None, shift=None, residual=None, gate=None):
     """residual + gate * (norm(x) * weight * scale + shift) in MLX ops, absent inputs skipped: the reference for
@@ -50,7 +53,8 @@ def fused(x: mx.array, norm: str, eps: float = 0.0, **inputs) -> mx.array:
     inputs = {name: a for name, a in inputs.items() if a is not None}
     path = dispatch.op_path(x, *inputs.values())
     # Without a norm MLX's two passes are as fast as the kernel's one, whose output is first zero-filled.
-    if path == "native" and norm != "none" and native.supports_norm_modulate(x, **inputs):
+    if (path == "native" and norm != "none" and x.size >= _KERNEL_MIN_VALUES
+            and native.supports_norm_modulate(x, **inputs)):
         return native.norm_modulate(x, norm, eps, lambda x, **a: _chain(x, norm, eps, **a), **inputs)
     if path == "mlx" and mx.default_device() == mx.gpu:
         names = tuple(sorted(inputs))
