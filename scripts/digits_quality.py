@@ -45,6 +45,12 @@ def cache_settings() -> list[tuple[str, dict, dict]]:
     rows = [("baseline", {}, {})]
     rows += [(f"TeaCache modulated {t}", {}, {"teacache": {"threshold": t}}) for t in (0.1, 0.2, 0.4, 0.8)]
     rows += [(f"first-block {t}", {}, {"teacache": {**FIRST_BLOCK, "threshold": t}}) for t in (0.05, 0.1, 0.2, 0.4)]
+    # Past 70% the default cap (3 skips in a row) binds for both: lifted, where each rule starts to cost accuracy.
+    uncapped = {"max_consecutive_skips": 19}
+    rows += [(f"TeaCache modulated {t}, no skip cap", {}, {"teacache": {"threshold": t, **uncapped}})
+             for t in (0.8, 1.6)]
+    rows += [(f"first-block {t}, no skip cap", {}, {"teacache": {**FIRST_BLOCK, "threshold": t, **uncapped}})
+             for t in (0.4, 0.8)]
     return rows
 
 

@@ -68,18 +68,21 @@ def test_the_kernel_takes_the_norm_chains_on_the_cpu_in_float32():
 
 @pytest.mark.parametrize("names", [("scale", "weight"), ("gate", "residual", "weight"), ("scale", "shift"),
                                    ("gate", "residual")])
-def test_compiled_chains_equal_the_uncompiled_ones(names):
-    """The function the GPU path compiles (shapeless) gives the uncompiled chain's values, across changing
-    shapes and batch sizes without being rebuilt, in float32 and bfloat16."""
-    norm_kind = {"weight": "rms", "shift": "layer"}.get(next((n for n in names if n in ("weight", "shift")), ""),
-                                                      "none")
-    compiled = modulation.compiled_chain(norm_kind, EPS, names)
-    for shape, dtype in (((2, 37, 24), mx.float32), ((1, 300, 24), mx.float32), ((3, 16, 64), mx.bfloat16)):
+def test_compiled_chains_equal_the_uncompiled_ones(monkeypatch, names):
+    """The function the GPU path compiles (shapeless) gives the uncompiled chain's values across shapes and batch
+    sizes, traced once per dtype: a new size or batch does not compile again."""
+    norm_kind = "rms" if "weight" in names else "layer" if "shift" in names else "none"
+    chain, traces = modulation._chain, []
+    monkeypatch.setattr(modulation, "_chain", lambda *a, **k: traces.append(a[0].shape) or chain(*a, **k))
+    compiled = modulation.compiled_chain.__wrapped__(norm_kind, EPS, names)  # a fresh one, not the cached
+    cases = [((2, 37, 24), mx.float32), ((1, 300, 24), mx.float32), ((3, 16, 64), mx.float32),
+             ((3, 16, 64), mx.bfloat16), ((1, 40, 64), mx.bfloat16)]
+    for shape, dtype in cases:
         x, y, scale, shift, gate, norm = inputs(*shape)
         values = {"weight": norm.weight, "scale": mx.array(scale), "shift": mx.array(shift),
                   "residual": mx.array(y), "gate": mx.array(gate)}
         arrays = [values[n].astype(dtype) for n in names]
-        expected = modulation._chain(mx.array(x).astype(dtype), norm_kind, EPS, **dict(zip(names, arrays)))
+        expected = chain(mx.array(x).astype(dtype), norm_kind, EPS, **dict(zip(names, arrays)))
         got = compiled(mx.array(x).astype(dtype), *arrays)
         assert got.dtype == expected.dtype and got.shape == expected.shape
         # Fused elementwise code may contract a multiply-add: within one rounding of the output, not more.
@@ -87,6 +90,7 @@ def test_compiled_chains_equal_the_uncompiled_ones(names):
         error = float(mx.max(mx.abs(got.astype(mx.float32) - expected.astype(mx.float32))
                              / (mx.abs(expected.astype(mx.float32)) + 1e-3)))
         assert error <= 2 * ulp, f"{names} {shape} {dtype}: {error:.3g}"
+    assert len(traces) == 2, f"traced for {traces}: once per dtype expected"
 
 
 def test_kernel_gradients_are_those_of_the_mlx_chain():
