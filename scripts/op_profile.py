@@ -4,8 +4,9 @@ Each engine runs in its own process on bench.py's random-weight mid models (same
 count), first a warm-up generation, then:
 
 1. a plain generation (`--steps` steps at `--size`): each phase's wall time as the engine normally runs it;
-2. the same generation instrumented: every linear layer, attention core, normalisation (mlximg's fused QK norm +
-   RoPE counted there), activation and convolution is timed on its own (mlximg evaluates its inputs first and
+2. the same generation instrumented: every linear layer, attention core, normalisation (mlximg's fused kernels
+   counted there: QK norm + RoPE, and a block's norm with its modulation, gate and residual add, which diffusers
+   runs as separate ops under "other"), activation and convolution is timed on its own (mlximg evaluates its inputs first and
    its output after, so the time is that op's alone; torch on the CPU runs synchronously anyway). "other" is
    the rest of the phase: in diffusers RoPE, modulation, gates, residual adds, copies and the scheduler; in
    mlximg the same, plus the cost of the synchronisations the instrumentation adds (the instrumented phase
@@ -92,7 +93,8 @@ def mlximg_targets():
             (native, "attention", "attention"), (cpu_math, "attention", "attention"),
             (attention, "scaled_dot_product_attention", "attention"),
             (mx.fast, "scaled_dot_product_attention", "attention"),
-            (native, "rms_norm_rope", "norms"), (rope, "apply_rope", "norms"), (mx.fast, "rms_norm", "norms"),
+            (native, "rms_norm_rope", "norms"), (native, "norm_modulate", "norms"), (rope, "apply_rope", "norms"),
+            (mx.fast, "rms_norm", "norms"),
             (mx.fast, "layer_norm", "norms"), (norms.RMSNorm, "__call__", "norms"), (nn.RMSNorm, "__call__", "norms"),
             (autoencoder_kl.GroupNorm, "__call__", "norms"),
             (native, "silu_mul", "activation"), (cpu_math, "_silu_in_streams", "activation"),

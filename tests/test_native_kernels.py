@@ -103,6 +103,28 @@ def test_silu_and_swiglu_match_torch(size):
     assert_close(silu_mul(mx.array(gate), mx.array(value)), expected * torch.from_numpy(value), 1e-6, "silu * value")
 
 
+def test_swiglu_reads_split_projections_in_place(monkeypatch):
+    """Gate and value as column slices of one fused projection (FLUX.2's single blocks), and a batch of them:
+    read through their row stride, not copied first."""
+    torch = require_oracle()
+    fused = np.random.default_rng(7).normal(0, 3, (2, 45, 3 * 40)).astype(np.float32)
+    _, gate, value = mx.split(mx.array(fused), 3, axis=-1)
+    copies = []
+    monkeypatch.setattr(native.np, "ascontiguousarray", lambda a, *k: copies.append(a.shape) or np.array(a, order="C"))
+    out = silu_mul(gate, value)
+    expected = torch.nn.functional.silu(torch.from_numpy(fused[..., 40:80])) * torch.from_numpy(fused[..., 80:])
+    assert_close(out, expected, 1e-6, "silu(gate) * value of slices")
+    assert copies == [] or not CAN_BUILD
+
+
+def test_vae_convolution_weights_are_contiguous_once_loaded():
+    """Sanitize lays the OHWI weights out once, so no convolution copies its weight per call."""
+    from mlximg.models.autoencoder_kl import AutoencoderKL
+
+    weights = AutoencoderKL.sanitize({"decoder.conv_in.weight": mx.zeros((8, 4, 3, 3))})
+    assert np.array(weights["decoder.conv_in.weight"], copy=False).flags.c_contiguous
+
+
 def test_swiglu_gradients_match_torch():
     torch = require_oracle()
     gate, value = (np.random.default_rng(5).normal(0, 4, (3, 37)).astype(np.float32) for _ in range(2))

@@ -387,8 +387,8 @@ class AutoencoderKL(nn.Module):
             parts = key.split(".")
             if "attentions" in parts and parts[-2] in _LEGACY_ATTENTION:
                 key = ".".join([*parts[:-2], _LEGACY_ATTENTION[parts[-2]], parts[-1]])
-            if value.ndim == 4:
-                value = value.transpose(0, 2, 3, 1)
+            if value.ndim == 4:  # made contiguous once here, not copied by every convolution
+                value = mx.contiguous(value.transpose(0, 2, 3, 1))
                 if value.shape[1:3] == (1, 1):
                     value = value.reshape(value.shape[0], value.shape[3])
             sanitized[key] = value

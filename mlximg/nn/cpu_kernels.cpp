@@ -106,16 +106,23 @@ static void softmax_rows(float *scores, int rows, int n, int ld, int limit_0, in
     }
 }
 
-/* out = silu(gate) * value, or silu(gate) where value is NULL; n values, contiguous. */
-extern "C" VECTOR_CLONES void silu_mul_f32(const float *gate, const float *value, float *out, int64_t n) {
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        floats y = silu(load(gate + i));
-        store(out + i, value ? y * load(value + i) : y);
-    }
-    for (; i < n; i++) {
-        float y = FIRST_LANE(silu, gate[i]);
-        out[i] = value ? y * value[i] : y;
+/* out = silu(gate) * value, or silu(gate) where value is NULL, over `rows` rows of `cols` values; row r of gate
+ * starts at gate + r * gate_stride (likewise value), so column slices of a fused projection are read in place;
+ * out is contiguous. */
+extern "C" VECTOR_CLONES void silu_mul_f32(const float *gate, int64_t gate_stride, const float *value,
+                                           int64_t value_stride, float *out, int64_t rows, int64_t cols) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate + r * gate_stride, *v = value ? value + r * value_stride : NULL;
+        float *o = out + r * cols;
+        int64_t i = 0;
+        for (; i + LANES <= cols; i += LANES) {
+            floats y = silu(load(g + i));
+            store(o + i, v ? y * load(v + i) : y);
+        }
+        for (; i < cols; i++) {
+            float y = FIRST_LANE(silu, g[i]);
+            o[i] = v ? y * v[i] : y;
+        }
     }
 }
 
@@ -318,7 +325,7 @@ extern "C" VECTOR_CLONES void norm_modulate_f32(const float *x, const float *wei
             }
             float s = lanes_sum(sum), q = lanes_sum(squares);
             for (; i < d; i++) s += row[i], q += row[i] * row[i];
-            if (norm == 2) {  /* LayerNorm: the variance as a second pass about the mean (as MLX computes it) */
+            if (norm == 2) {  /* LayerNorm: the variance from a second pass about the mean, not E[x^2] - mean^2 */
                 mean = s / d;
                 floats deviations = floats{};
                 for (i = 0; i + LANES <= d; i += LANES) {

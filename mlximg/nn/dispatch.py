@@ -1,5 +1,5 @@
-"""Which implementation every op runs (attention, SiLU / SwiGLU, QK RMSNorm + RoPE, the VAE's 3x3 convolution and
-GroupNorm), chosen here by one setting, MLXIMG_OPS:
+"""Which implementation every op runs (attention, SiLU / SwiGLU, QK RMSNorm + RoPE, a block's norm + modulation, the
+VAE's 3x3 convolution and GroupNorm), chosen here by one setting, MLXIMG_OPS:
 
 - "auto" (default): on the CPU in float32, the compiled kernels (native.py) where they are built, else MLX ops
   with a faster exp and CPU-stream splitting (cpu_math.py); MLX's own ops on other devices and dtypes.

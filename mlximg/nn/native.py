@@ -86,7 +86,8 @@ def _bind(path: Path, openblas: str) -> _Library:
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float]
     silu_mul = library.silu_mul_f32
     silu_mul.restype = None
-    silu_mul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64]
+    silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                         ctypes.c_int64, ctypes.c_int64]
     rms_norm_rope = library.rms_norm_rope_f32
     rms_norm_rope.restype = None
     rms_norm_rope.argtypes = [ctypes.c_void_p, _Strides, ctypes.c_void_p, ctypes.c_float] + [ctypes.c_void_p] * 2 + [
@@ -220,13 +221,27 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, key_mask: mx.
     return _with_gradients_of(differentiable, lambda q, k, v: _forward(q, k, v, scale, key_mask, causal))(q, k, v)
 
 
+def _host_rows(a: mx.array) -> tuple[np.ndarray, int]:
+    """An evaluated array as a host view and the element stride between its rows (last-axis vectors): a view
+    where rows are evenly spaced (column slices of a matrix, such as split projections), else a copy."""
+    view = _host_view(a)
+    if view.ndim == 1:
+        return view, view.shape[0]
+    row = view.strides[-2] // view.itemsize
+    even = all(view.strides[i] == view.strides[i + 1] * view.shape[i + 1] for i in range(view.ndim - 2))
+    if view.strides[-2] % view.itemsize or not even:
+        view = np.ascontiguousarray(view)
+        row = view.shape[-1]
+    return view, row
+
+
 def _silu_mul_forward(gate: mx.array, value: mx.array | None) -> mx.array:
     mx.eval(*(a for a in (gate, value) if a is not None))
-    gate_host = _host_contiguous(gate)
-    value_host = None if value is None else _host_contiguous(value)
+    (gate_host, gate_row), (value_host, value_row) = _host_rows(gate), (None, 0) if value is None else _host_rows(value)
     result, out = _output(gate_host.shape)
-    _library().silu_mul(gate_host.ctypes.data, None if value is None else value_host.ctypes.data, out.ctypes.data,
-                        out.size)
+    cols = gate_host.shape[-1]
+    _library().silu_mul(gate_host.ctypes.data, gate_row, None if value is None else value_host.ctypes.data,
+                        value_row, out.ctypes.data, out.size // max(cols, 1), cols)
     return result
 
 
