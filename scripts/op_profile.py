@@ -15,6 +15,7 @@ count), first a warm-up generation, then:
 
     python scripts/op_profile.py                        # both families, 256x256, 8 steps
     python scripts/op_profile.py --families zimage --size 512 --steps 1 --json /tmp/profile.json
+    python scripts/op_profile.py --quick               # bench.py's tiny models, 64x64, 2 steps: a smoke test
 """
 
 import argparse
@@ -28,7 +29,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench import MID, PROMPT, PHASES, TITLES, initial_latents, model_folder
+from bench import MID, PROMPT, PHASES, QUICK, TITLES, initial_latents, model_folder
 from random_models import GUIDANCE
 
 CATEGORIES = ("linear", "attention", "norms", "activation", "conv")
@@ -332,17 +333,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--cache", type=Path, default=Path("/tmp/mlximg-bench"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--quick", action="store_true", help="tiny models, 64x64, 2 steps")
     parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(ENGINES[args.child](args.families, Path(args.folder), args.size, args.steps)))
         return
+    if args.quick:
+        args.size, args.steps = 64, 2
     env = {**os.environ, **dict.fromkeys(("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"),
                                          str(args.threads))}
     everything = {}
     for family in args.families.split(","):
-        folder = model_folder(args.cache, family, MID[family])
+        folder = model_folder(args.cache, family, (QUICK if args.quick else MID)[family])
         results = {}
         for engine in ENGINES:
             proc = subprocess.run([sys.executable, __file__, f"--child={engine}", f"--families={family}",

@@ -1,5 +1,5 @@
 """scripts/bench.py --quick: both engines run on tiny models of both families and the ratio table comes out;
-scripts/kernel_bench.py times every op on every engine."""
+scripts/kernel_bench.py times every op on every engine; scripts/op_profile.py --quick breaks both down."""
 
 import json
 import re
@@ -47,3 +47,21 @@ def test_kernel_bench_prints_every_op_for_every_engine():
     rows = [line.split() for line in result.stdout.splitlines()[2:]]
     assert [row[-5] for row in rows] == ["64"] * 3, result.stdout
     assert all(float(value) > 0 for row in rows for value in row[-4:]), result.stdout
+
+
+def test_op_profile_breaks_down_both_engines(tmp_path):
+    require_oracle()
+    report = tmp_path / "profile.json"
+    result = subprocess.run([sys.executable, str(BENCH.with_name("op_profile.py")), "--quick", "--threads=1",
+                             f"--cache={tmp_path}", f"--json={report}"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    numbers = json.loads(report.read_text())
+    assert set(numbers) == {"zimage", "klein"}
+    for family in numbers.values():
+        for engine in ("mlximg", "diffusers"):
+            denoise = family[engine]["instrumented"]["ops"]["denoise"]
+            assert all(denoise[kind][1] > 0 for kind in ("linear", "attention", "norms")), (engine, denoise)
+            assert all(family[engine]["plain"][phase] > 0 for phase in ("total", "encode", "denoise", "decode"))
+            assert family[engine]["instrumented"]["ops"]["decode"]["conv"][1] > 0
+        assert family["diffusers"]["operators"]["dispatched"] > 0
+    assert "torch.profiler, one transformer forward" in result.stdout
