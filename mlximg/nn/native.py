@@ -237,7 +237,8 @@ def _host_rows(a: mx.array) -> tuple[np.ndarray, int]:
 
 def _silu_mul_forward(gate: mx.array, value: mx.array | None) -> mx.array:
     mx.eval(*(a for a in (gate, value) if a is not None))
-    (gate_host, gate_row), (value_host, value_row) = _host_rows(gate), (None, 0) if value is None else _host_rows(value)
+    gate_host, gate_row = _host_rows(gate)
+    value_host, value_row = (None, 0) if value is None else _host_rows(value)
     result, out = _output(gate_host.shape)
     cols = gate_host.shape[-1]
     _library().silu_mul(gate_host.ctypes.data, gate_row, None if value is None else value_host.ctypes.data,
