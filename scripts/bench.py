@@ -156,15 +156,20 @@ def run_mlximg(family: str, folder: Path, size: int, steps: int, reps: int) -> d
     return measure(generate, steps, reps, lambda: mx.eval(a @ a))
 
 
-def add_timer(owner, name: str, phase: str, totals: dict) -> None:
-    """Wrap the method `owner.name` so that its wall time adds to totals[phase] (torch on the CPU is synchronous)."""
+def add_timer(owner, name: str, phase: str, totals: dict, current: dict | None = None) -> None:
+    """Wrap the method `owner.name` so that its wall time adds to totals[phase] (torch on the CPU is synchronous);
+    while it runs, current["phase"] (if given) names the phase, for timers of the ops inside it."""
     call = getattr(owner, name)
+    current = {} if current is None else current
 
     def timed(*args, **kwargs):
+        outer, current["phase"] = current.get("phase"), phase
         start = time.perf_counter()
-        out = call(*args, **kwargs)
-        totals[phase] += time.perf_counter() - start
-        return out
+        try:
+            return call(*args, **kwargs)
+        finally:
+            totals[phase] += time.perf_counter() - start
+            current["phase"] = outer
 
     setattr(owner, name, timed)
 

@@ -29,21 +29,28 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench import MID, PROMPT, PHASES, QUICK, TITLES, initial_latents, model_folder
+from bench import MID, PROMPT, PHASES, QUICK, TITLES, add_timer, initial_latents, model_folder
 from random_models import GUIDANCE
 
 CATEGORIES = ("linear", "attention", "norms", "activation", "conv")
 
 
 class OpTimer:
-    """Adds the wall time of wrapped calls to totals[category]; a call inside another wrapped call is the outer
-    one's (the fallbacks some kernels call, or a norm inside an attention path)."""
+    """Adds the wall time of wrapped calls to their category within the running phase (`current["phase"]`;
+    calls outside any phase are not counted); a call inside another wrapped call is the outer one's (the
+    fallbacks some kernels call, or a norm inside an attention path)."""
 
-    def __init__(self, sync=lambda *values: None):
-        self.totals = defaultdict(float)
-        self.counts = defaultdict(int)
+    def __init__(self, current: dict, sync=lambda *values: None):
+        self.totals = defaultdict(lambda: [0.0, 0])
+        self.current = current
         self.sync = sync
         self.depth = 0
+
+    def add(self, category: str, seconds: float) -> None:
+        if self.current["phase"] is not None:
+            entry = self.totals[self.current["phase"], category]
+            entry[0] += seconds
+            entry[1] += 1
 
     def wrap(self, category: str, fn):
         def timed(*args, **kwargs):
@@ -57,15 +64,14 @@ class OpTimer:
                 self.sync(out)
             finally:
                 self.depth -= 1
-            self.totals[category] += time.perf_counter() - start
-            self.counts[category] += 1
+            self.add(category, time.perf_counter() - start)
             return out
 
         return timed
 
-    def reset(self):
-        self.totals.clear()
-        self.counts.clear()
+    def by_phase(self) -> dict:
+        """{phase: {category: (seconds, calls)}} for every phase in PHASES."""
+        return {p: {c: tuple(self.totals.get((p, c), (0.0, 0))) for c in CATEGORIES} for p in PHASES}
 
 
 @contextmanager
@@ -121,13 +127,30 @@ def run_mlximg(family: str, folder: Path, size: int, steps: int) -> dict:
 
     generate(1)
     plain = generate(steps)
-    timer = OpTimer(sync=lambda *values: mx.eval([v for v in _arrays(values, mx.array)]))
-    by_phase = _timed_phases(pipeline, timer, mlximg_targets(), lambda: generate(steps))
-    return {"plain": plain, "instrumented": by_phase}
+    current = {"phase": None}
+    timer = OpTimer(current, sync=lambda *values: mx.eval([v for v in _arrays(values, mx.array)]))
+    original = pipeline.phases.phase
+
+    @contextmanager
+    def phase(name):  # the phase log's phases, as the running phase of the timer
+        outer, current["phase"] = current["phase"], name
+        try:
+            with original(name):
+                yield
+        finally:
+            current["phase"] = outer
+
+    pipeline.phases.phase = phase
+    try:
+        with patched(mlximg_targets(), timer):
+            seconds = generate(steps)
+    finally:
+        pipeline.phases.phase = original
+    return {"plain": plain, "instrumented": {"seconds": seconds, "ops": timer.by_phase()}}
 
 
 def _arrays(value, kind):
-    """The arrays of type `kind` in nested tuples / lists / dicts / objects' attributes of one level."""
+    """The arrays of type `kind` in nested tuples / lists / plain dicts."""
     if isinstance(value, kind):
         yield value
     elif isinstance(value, (tuple, list)):
@@ -136,28 +159,6 @@ def _arrays(value, kind):
     elif type(value) is dict:  # not modules (MLX's are dicts): their parameters are evaluated already
         for v in value.values():
             yield from _arrays(v, kind)
-
-
-def _timed_phases(pipeline_or_phases, timer: OpTimer, targets, generate) -> dict:
-    """Run `generate()` with the targets timed; split the op totals by phase through the phase log's enter/exit."""
-    per_phase = {}
-    phases = pipeline_or_phases.phases
-    original = phases.phase
-
-    @contextmanager
-    def phase(name):
-        timer.reset()
-        with original(name):
-            yield
-        per_phase[name] = {c: (timer.totals[c], timer.counts[c]) for c in CATEGORIES}
-
-    phases.phase = phase
-    try:
-        with patched(targets, timer):
-            seconds = generate()
-    finally:
-        phases.phase = original
-    return {"seconds": seconds, "ops": per_phase}
 
 
 def run_diffusers(family: str, folder: Path, size: int, steps: int) -> dict:
@@ -169,58 +170,40 @@ def run_diffusers(family: str, folder: Path, size: int, steps: int) -> dict:
     pipe.set_progress_bar_config(disable=True)
     latents = initial_latents(family, folder, size)
     current = {"phase": None}
-    totals = defaultdict(float)
+    totals = dict.fromkeys(PHASES, 0.0)
     # The phases as bench.py times them: encode_prompt, the transformer forward + scheduler step, the VAE decode.
     for owner, name, phase in ((pipe, "encode_prompt", "encode"), (pipe.transformer, "forward", "denoise"),
                                (pipe.scheduler, "step", "denoise"), (pipe.vae, "decode", "decode")):
-        _phase_timer(owner, name, phase, totals, current)
+        add_timer(owner, name, phase, totals, current)
 
     def generate(n):
-        totals.clear()
+        totals.update(dict.fromkeys(PHASES, 0.0))
         start = time.perf_counter()
         pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=n, guidance_scale=GUIDANCE[family],
              latents=torch.from_numpy(latents.copy()))
-        return {"total": time.perf_counter() - start, **{p: totals[p] for p in PHASES}}
+        return {"total": time.perf_counter() - start, **totals}
 
     generate(1)
     plain = generate(steps)
-    timer = OpTimer()
-    per_phase = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
-    hooks = _torch_module_timers(pipe, timer, per_phase, current)
+    timer = OpTimer(current)  # torch on the CPU is synchronous: nothing to evaluate
+    hooks = _torch_module_timers(pipe, timer)
     with patched([(F, "scaled_dot_product_attention", "attention"), (F, "silu", "activation")], timer):
         instrumented = generate(steps)
     for hook in hooks:
         hook.remove()
-    ops = {p: {c: tuple(per_phase[p][c]) for c in CATEGORIES} for p in PHASES}
     profile = _torch_operator_profile(pipe, family, size, latents)
-    return {"plain": plain, "instrumented": {"seconds": instrumented, "ops": ops}, "operators": profile}
+    return {"plain": plain, "instrumented": {"seconds": instrumented, "ops": timer.by_phase()}, "operators": profile}
 
 
-def _phase_timer(owner, name: str, phase: str, totals: dict, current: dict) -> None:
-    call = getattr(owner, name)
-
-    def timed(*args, **kwargs):
-        current["phase"] = phase
-        start = time.perf_counter()
-        try:
-            return call(*args, **kwargs)
-        finally:
-            totals[phase] += time.perf_counter() - start
-            current["phase"] = None
-
-    setattr(owner, name, timed)
-
-
-def _torch_module_timers(pipe, timer: OpTimer, per_phase, current) -> list:
-    """Forward pre/post hooks timing every Linear, norm and conv module by phase (none of them nests); the
-    functional attention and SiLU go through the OpTimer, whose totals are moved into the phase after each call."""
+def _torch_module_timers(pipe, timer: OpTimer) -> list:
+    """Forward pre/post hooks timing every Linear, norm and conv module (none of them nests) into `timer`."""
     import torch
 
     def category(module):
         name = type(module).__name__
         if isinstance(module, torch.nn.Linear):
             return "linear"
-        if isinstance(module, (torch.nn.Conv2d,)):
+        if isinstance(module, torch.nn.Conv2d):
             return "conv"
         if name.endswith("RMSNorm") or isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
             return "norms"
@@ -232,36 +215,13 @@ def _torch_module_timers(pipe, timer: OpTimer, per_phase, current) -> list:
         starts[id(module)] = time.perf_counter()
 
     def after(module, _, __):
-        phase = current["phase"]
-        if phase is not None:
-            entry = per_phase[phase][category(module)]
-            entry[0] += time.perf_counter() - starts.pop(id(module))
-            entry[1] += 1
+        timer.add(category(module), time.perf_counter() - starts.pop(id(module)))
 
     hooks = []
     for component in (pipe.text_encoder, pipe.transformer, pipe.vae):
         for module in component.modules():
             if category(module) is not None:
                 hooks += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
-
-    original_wrap = timer.wrap
-
-    def wrap(category_name, fn):  # functional ops: their time goes to the running phase
-        timed = original_wrap(category_name, fn)
-
-        def moved(*args, **kwargs):
-            timer.reset()
-            out = timed(*args, **kwargs)
-            phase = current["phase"]
-            if phase is not None:
-                entry = per_phase[phase][category_name]
-                entry[0] += timer.totals[category_name]
-                entry[1] += timer.counts[category_name]
-            return out
-
-        return moved
-
-    timer.wrap = wrap
     return hooks
 
 

@@ -338,8 +338,7 @@ def supports_norm_modulate(x: mx.array, **inputs) -> bool:
     batch, _, dim = x.shape
     fits = {"weight": lambda a: a.shape == (dim,), "residual": lambda a: a.shape == x.shape}
     per_sample = lambda a: a.ndim == 3 and a.shape[0] in (1, batch) and a.shape[1:] == (1, dim)  # noqa: E731
-    present = [a for a in inputs.values() if a is not None]
-    return all(fits.get(name, per_sample)(a) for name, a in inputs.items() if a is not None) and applies(x, *present)
+    return all(fits.get(name, per_sample)(a) for name, a in inputs.items()) and applies(x, *inputs.values())
 
 
 def _norm_modulate_forward(x: mx.array, inputs: dict, norm: str, eps: float) -> mx.array:
@@ -359,9 +358,9 @@ def _norm_modulate_forward(x: mx.array, inputs: dict, norm: str, eps: float) -> 
 
 def norm_modulate(x: mx.array, norm: str, eps: float, differentiable, **inputs) -> mx.array:
     """residual + gate * (norm(x) * weight * scale + shift) of x (B, N, D) in one pass of the kernel (call
-    `supports_norm_modulate` first); `norm` "none", "rms" or "layer" (no affine); inputs left out or None are
-    absent. Its gradients are those of `differentiable(x, **inputs)`."""
-    names = [name for name in _MODULATION_INPUTS if inputs.get(name) is not None]
+    `supports_norm_modulate` first); `norm` "none", "rms" or "layer" (no affine); inputs left out are absent.
+    Its gradients are those of `differentiable(x, **inputs)`."""
+    names = [name for name in _MODULATION_INPUTS if name in inputs]
 
     def forward(x, *arrays):
         return _norm_modulate_forward(x, dict(zip(names, arrays)), norm, eps)
