@@ -209,9 +209,12 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
         return
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # A process started from a thread that blocks signals inherits that mask; the handler needs SIGTERM delivered.
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
     try:
         yield
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signal.signal(signal.SIGTERM, previous)
 
 
